@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install learn2learn 0.2.0 (its last release) into the Python given as $1.
+#
+# Its sdist ships Cython-generated C that does not compile on Python >= 3.11, so we regenerate
+# the C of its three extensions (learn2learn/data/*.pyx) with a current Cython and install the
+# folder without build isolation (the build needs the Cython and setuptools of this venv).
+# `pip install learn2learn` would pull gym/gsutil/qpth too; we install only the modules that
+# `import learn2learn` really needs at run time.
+set -euo pipefail
+PY="${1:?usage: install_learn2learn.sh PATH/TO/python}"
+VERSION=0.2.0
+
+if "$PY" -c "import learn2learn, sys; sys.exit(learn2learn.__version__ != '$VERSION')" 2>/dev/null; then
+    echo "learn2learn $VERSION already installed"
+    exit 0
+fi
+
+"$PY" -m pip install -q "cython>=3" setuptools wheel numpy scipy requests tqdm gym pillow
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+"$PY" -m pip download -q --no-deps --no-binary :all: -d "$work" "learn2learn==$VERSION"
+tar -xzf "$work/learn2learn-$VERSION.tar.gz" -C "$work"
+src="$work/learn2learn-$VERSION"
+cython_bin="$(dirname "$PY")/cythonize"
+"$cython_bin" -3 -f "$src"/learn2learn/data/*.pyx
+"$PY" -m pip install -q --no-build-isolation --no-deps "$src"
+( cd "$work" && "$PY" -c "import learn2learn; print('learn2learn', learn2learn.__version__, 'installed')" )
