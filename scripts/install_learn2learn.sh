@@ -7,7 +7,9 @@
 # `pip install learn2learn` would pull gym/gsutil/qpth too; we install only the modules that
 # `import learn2learn` really needs at run time.
 set -euo pipefail
-PY="${1:?usage: install_learn2learn.sh PATH/TO/python}"
+arg="${1:?usage: install_learn2learn.sh PATH/TO/python}"
+# absolute path without resolving the venv's symlink to the base interpreter
+PY="$(cd "$(dirname "$arg")" && pwd)/$(basename "$arg")"
 VERSION=0.2.0
 
 if "$PY" -c "import learn2learn, sys; sys.exit(learn2learn.__version__ != '$VERSION')" 2>/dev/null; then
