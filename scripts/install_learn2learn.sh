@@ -18,6 +18,9 @@ if "$PY" -c "import learn2learn, sys; sys.exit(learn2learn.__version__ != '$VERS
 fi
 
 "$PY" -m pip install -q "cython>=3" setuptools wheel numpy scipy requests tqdm gym pillow
+# `import learn2learn` imports gym, whose gym_notices add-on prints a deprecation banner to stderr
+# on every import; gym skips it silently when the add-on is absent.
+"$PY" -m pip uninstall -q -y gym-notices
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$PY" -m pip download -q --no-deps --no-binary :all: -d "$work" "learn2learn==$VERSION"
