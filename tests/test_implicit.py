@@ -1,0 +1,356 @@
+"""Tests of lightning_imaml.implicit against independent ground truths: dense solves, dense Hessians,
+closed-form ridge meta-gradients, finite differences. Measured errors are printed (pytest -s)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from lightning_imaml.implicit import (
+    CGInfo,
+    conjugate_gradient,
+    hessian_vector_product,
+    implicit_meta_gradient,
+)
+from lightning_imaml.params import flatten, unflatten
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def random_spd(n, cond, gen, dtype=torch.float64):
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype))
+    eig = torch.logspace(0, math.log10(cond), n, dtype=dtype)
+    return q @ torch.diag(eig) @ q.T
+
+
+# --------------------------------------------------------------------------------------------- CG
+
+
+@pytest.mark.parametrize("n", [10, 30, 50])
+def test_cg_matches_dense_solve_on_random_spd(n):
+    gen = torch.Generator().manual_seed(n)
+    M = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    A = M @ M.T / n + torch.eye(n, dtype=torch.float64)  # random SPD, like I + H/lam with H = M M^T / n
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_steps=n, rtol=0.0)
+    err = rel(x, torch.linalg.solve(A, b))
+    print(f"CG random SPD n={n} cond={torch.linalg.cond(A):.1f}: {info.steps} steps, rel err {err:.2e}")
+    assert isinstance(info, CGInfo) and info.steps == n and not info.negative_curvature
+    assert err < 1e-10
+
+
+@pytest.mark.parametrize("n,cond", [(30, 30.0), (50, 100.0)])
+def test_cg_ill_conditioned_spd(n, cond):
+    gen = torch.Generator().manual_seed(n)
+    A = random_spd(n, cond, gen)  # log-spaced spectrum 1..cond: the hard case for finite-precision CG
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    ref = torch.linalg.solve(A, b)
+    x_n, _ = conjugate_gradient(lambda v: A @ v, b, max_steps=n, rtol=0.0)
+    # rounding destroys exact n-step termination here (measured: 1.8e-8 at n=30, 1.6e-7 at n=50),
+    # CG keeps converging past n steps
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_steps=2 * n, rtol=1e-14)
+    err = rel(x, ref)
+    print(
+        f"CG log-spectrum n={n} cond={cond:g}: err at n steps {rel(x_n, ref):.2e}, "
+        f"at {info.steps} steps {err:.2e}"
+    )
+    assert err < 1e-10 and info.converged
+
+
+def test_cg_exact_at_n_steps_on_dicts():
+    gen = torch.Generator().manual_seed(1)
+    n = 12
+    A = random_spd(n, 20.0, gen)
+    like = {"w": torch.zeros(3, 3, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+    b = unflatten(torch.randn(n, generator=gen, dtype=torch.float64), like)
+
+    def matvec(v):
+        return unflatten(A @ flatten(v), like)
+
+    x, info = conjugate_gradient(matvec, b, max_steps=n, rtol=0.0)
+    err = rel(flatten(x), torch.linalg.solve(A, flatten(b)))
+    print(f"CG on dict, n={n} steps: rel err={err:.2e}")
+    assert set(x) == {"w", "b"} and x["w"].shape == (3, 3)
+    assert err < 1e-10
+
+
+def test_cg_matvec_count_and_x0():
+    gen = torch.Generator().manual_seed(2)
+    A = random_spd(8, 5.0, gen)
+    b = torch.randn(8, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return A @ v
+
+    _, info = conjugate_gradient(matvec, b, max_steps=3, rtol=0.0)
+    assert info.steps == 3 and len(calls) == 3  # no matvec spent on b - A*0
+    calls.clear()
+    x_star = torch.linalg.solve(A, b)
+    x, info = conjugate_gradient(matvec, b, max_steps=5, x0=x_star)
+    assert info.steps == 0 and info.converged and len(calls) == 1  # exactly one matvec for b - A x0
+    assert rel(x, x_star) < 1e-12
+    x, info = conjugate_gradient(matvec, torch.zeros_like(b), max_steps=5)
+    assert info.converged and info.steps == 0 and torch.all(x == 0)
+
+
+def test_cg_indefinite_stops_on_negative_curvature():
+    gen = torch.Generator().manual_seed(3)
+    n = 20
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    eig = torch.linspace(0.5, 3.0, n, dtype=torch.float64)
+    eig[:3] = torch.tensor([-5.0, -1.0, -0.2], dtype=torch.float64)  # like I + H/lam with H < -lam
+    A = q @ torch.diag(eig) @ q.T
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_steps=n)
+    print(f"indefinite CG: stopped after {info.steps} steps, residual {info.residual_norm:.3e}")
+    assert info.negative_curvature and not info.converged
+    assert 0 <= info.steps < n
+    assert torch.isfinite(x).all() and x.norm() < 1e3 * b.norm()
+    # every accepted iterate lowers q(x) = x'Ax/2 - b'x, so the truncated answer beats x = 0
+    assert (0.5 * x @ A @ x - b @ x).item() < 0
+
+
+def test_cg_first_direction_negative_returns_b():
+    b = torch.tensor([1.0, -2.0, 3.0])
+    x, info = conjugate_gradient(lambda v: -v, b, max_steps=5)
+    assert info.negative_curvature and info.steps == 0
+    torch.testing.assert_close(x, b)  # A replaced by I: the first-order answer, not zero
+    x, info = conjugate_gradient(lambda v: v * float("nan"), b, max_steps=5)
+    assert info.negative_curvature and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_cg_dtypes_devices(dtype, device):
+    gen = torch.Generator().manual_seed(4)
+    A = random_spd(6, 4.0, gen).to(dtype=dtype, device=device)
+    b = torch.randn(6, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_steps=12, rtol=1e-6)
+    assert x.dtype == dtype and x.device.type == device
+    assert rel(x.double(), torch.linalg.solve(A.double(), b.double())) < 1e-4
+
+
+def test_cg_bad_input():
+    with pytest.raises(ValueError, match="max_steps"):
+        conjugate_gradient(lambda v: v, torch.ones(2), max_steps=0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        conjugate_gradient(lambda v: v, torch.ones(2), max_steps=2, x0=torch.ones(3))
+
+
+# -------------------------------------------------------------------------------------------- HVP
+
+
+def small_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+
+def small_convbn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2, padding=1),
+        nn.BatchNorm2d(3, track_running_stats=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 3),
+    ).double()
+
+
+def dense_hessian(loss_fn, params):
+    like = {k: v.detach() for k, v in params.items()}
+    P = sum(v.numel() for v in like.values())
+    Hd = torch.func.hessian(lambda flat: loss_fn(unflatten(flat, like)))(flatten(like))
+    return Hd.reshape(P, P)
+
+
+@pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
+@pytest.mark.parametrize("net", ["mlp", "convbn"])
+def test_hvp_matches_dense_hessian(method, net):
+    gen = torch.Generator().manual_seed(5)
+    if net == "mlp":
+        model = small_mlp()
+        x, y = torch.randn(10, 2, generator=gen, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+
+        def loss_fn(p):
+            return ((functional_call(model, p, (x,)) - y) ** 2).mean()
+    else:
+        model = small_convbn()
+        x, y = torch.randn(3, 1, 6, 6, generator=gen, dtype=torch.float64), torch.arange(3)
+
+        def loss_fn(p):
+            return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    v = {k: torch.randn(t.shape, generator=gen, dtype=torch.float64) for k, t in params.items()}
+    hv = hessian_vector_product(loss_fn, params, v, method=method)
+    if net == "mlp":
+        ref = dense_hessian(loss_fn, params) @ flatten(v)
+    else:
+        # BatchNorm: torch.func.hessian (vmap of reverse-over-reverse) is WRONG here in torch 2.14.1 - its
+        # "Hessian" is asymmetric by ~3% - so the ground truth is central differences of the gradient
+        grad = torch.func.grad(loss_fn)
+        h = 1e-5
+        plus = grad({k: params[k] + h * v[k] for k in params})
+        minus = grad({k: params[k] - h * v[k] for k in params})
+        ref = (flatten(plus) - flatten(minus)) / (2 * h)
+    err = rel(flatten(hv), ref)
+    print(f"HVP {net} {method}: rel err vs {'dense Hessian' if net == 'mlp' else 'central FD'} {err:.2e}")
+    assert err < (1e-10 if net == "mlp" else 1e-7)
+    assert all(not t.requires_grad for t in hv.values())
+
+
+# ---------------------------------------------------------------------------------- ridge meta-grad
+
+
+def ridge_task(seed, d=4, n=15, m=12):
+    g = torch.Generator().manual_seed(seed)
+    Xs, Xq = (torch.randn(k, d, generator=g, dtype=torch.float64) for k in (n, m))
+    w0 = torch.randn(d, generator=g, dtype=torch.float64)
+    ys = Xs @ w0 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64) + 0.5
+    yq = Xq @ w0 + 0.1 * torch.randn(m, generator=g, dtype=torch.float64) + 0.5
+    theta = {"w": torch.randn(d, generator=g, dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
+
+    def lin_loss(X, y):
+        return lambda p: 0.5 * ((X @ p["w"] + p["b"] - y) ** 2).mean()
+
+    def phi_star(th, lam):
+        # argmin ||Xa phi - y||^2/(2n) + lam/2 ||phi - th||^2 = (Xa'Xa/n + lam I)^-1 (Xa'y/n + lam th)
+        Xa = torch.cat([Xs, torch.ones(n, 1, dtype=torch.float64)], 1)
+        A = Xa.T @ Xa / n + lam * torch.eye(d + 1, dtype=torch.float64)
+        sol = torch.linalg.solve(A, Xa.T @ ys / n + lam * torch.cat([th["w"], th["b"]]))
+        return {"w": sol[:d], "b": sol[d:]}
+
+    return theta, lin_loss(Xs, ys), lin_loss(Xq, yq), phi_star
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0, 10.0])
+def test_implicit_grad_equals_exact_ridge_metagradient(lam):
+    theta, support, query, phi_star = ridge_task(seed=int(lam * 10))
+    # exact: autograd through the closed form F(theta) = L_q(phi*(theta))
+    th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    F_theta = query(phi_star(th, lam))
+    exact = dict(zip(th, torch.autograd.grad(F_theta, list(th.values())), strict=True))
+    phi = phi_star(theta, lam)
+    gq = torch.func.grad(query)(phi)
+    x, info = implicit_meta_gradient(support, phi, gq, lam=lam, cg_steps=20, return_info=True)
+    err = rel(flatten(x), flatten(exact))
+    # finite differences of F, re-solving the inner problem at theta +- h e_i
+    h, fd = 1e-5, []
+    flat = flatten(theta)
+    for i in range(flat.numel()):
+        e = torch.zeros_like(flat)
+        e[i] = h
+        fp = query(phi_star(unflatten(flat + e, theta), lam))
+        fm = query(phi_star(unflatten(flat - e, theta), lam))
+        fd.append(((fp - fm) / (2 * h)).item())
+    fd_err = rel(flatten(x), torch.tensor(fd, dtype=torch.float64))
+    print(f"ridge lam={lam}: implicit vs exact {err:.2e}, vs central FD {fd_err:.2e}, CG steps {info.steps}")
+    assert err <= 1e-6 and fd_err <= 1e-6
+    assert info.converged
+
+
+# ------------------------------------------------------------------------------ nonconvex + indefinite
+
+
+def test_error_falls_with_cg_steps_on_nonconvex_mlp():
+    model = small_mlp()
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(12, 2, generator=gen, dtype=torch.float64), torch.randn(12, 1, generator=gen).double()
+    xq, yq = (
+        torch.randn(12, 2, generator=gen, dtype=torch.float64),
+        torch.randn(12, 1, generator=gen).double(),
+    )
+
+    def support(p):
+        return ((functional_call(model, p, (x,)) - y) ** 2).mean()
+
+    def query(p):
+        return ((functional_call(model, p, (xq,)) - yq) ** 2).mean()
+
+    phi = {k: v.detach() for k, v in model.named_parameters()}
+    H = dense_hessian(support, phi)
+    eig = torch.linalg.eigvalsh(H)
+    lam = 1.0  # min eig(H) = -0.85 here: I + H/lam is PD with condition number ~30
+    A = torch.eye(H.shape[0], dtype=torch.float64) + H / lam
+    assert eig.min() < 0 and torch.linalg.eigvalsh(A).min() > 0  # nonconvex loss, PD system
+    g = torch.func.grad(query)(phi)
+    ref = torch.linalg.solve(A, flatten(g))
+    errs = []
+    for k in [1, 2, 4, 8, 16, 32, 64]:
+        xk = implicit_meta_gradient(support, phi, g, lam=lam, cg_steps=k, rtol=0.0)
+        errs.append(rel(flatten(xk), ref))
+    print(f"nonconvex MLP lam=1, cond(A)={torch.linalg.cond(A):.1f}: rel err by cg_steps 1,2,4,...,64:")
+    print("  " + ", ".join(f"{e:.2e}" for e in errs))
+    # CG's 2-norm error is monotone (Hestenes-Stiefel); allow roundoff at the floor
+    assert all(b <= a * (1 + 1e-6) + 1e-12 for a, b in zip(errs, errs[1:], strict=False))
+    assert errs[0] > 1e-2 and errs[-1] < 1e-8
+
+
+def test_implicit_on_indefinite_system_is_finite_and_reported():
+    d = torch.tensor([-10.0, 1.0, 2.0, 3.0], dtype=torch.float64)  # eigenvalue -10 < -lam
+
+    def support(p):
+        return 0.5 * (d * p["w"] ** 2).sum()
+
+    phi = {"w": torch.ones(4, dtype=torch.float64)}
+    g = {"w": torch.tensor([1.0, 0.5, 0.5, 0.5], dtype=torch.float64)}
+    x, info = implicit_meta_gradient(support, phi, g, lam=2.0, cg_steps=10, return_info=True)
+    print(f"indefinite implicit: steps={info.steps}, negative_curvature={info.negative_curvature}")
+    assert info.negative_curvature
+    assert torch.isfinite(x["w"]).all() and x["w"].norm() < 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_implicit_dtypes_devices(dtype, device):
+    model = small_mlp().to(dtype=dtype, device=device)
+    x = torch.randn(8, 2, dtype=dtype, device=device)
+
+    def support(p):
+        return (functional_call(model, p, (x,)) ** 2).mean()
+
+    phi = {k: v.detach() for k, v in model.named_parameters()}
+    g = {k: torch.ones_like(v) for k, v in phi.items()}
+    out = implicit_meta_gradient(support, phi, g, lam=1.0, cg_steps=3)
+    assert all(out[k].dtype == dtype and out[k].device.type == device for k in out)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_implicit_bad_inputs():
+    phi = {"w": torch.ones(3)}
+    g = {"w": torch.ones(3)}
+
+    def support(p):
+        return (p["w"] ** 2).sum()
+
+    for lam in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lam"):
+            implicit_meta_gradient(support, phi, g, lam=lam, cg_steps=2)
+    for steps in (0, -3, 1.5):
+        with pytest.raises(ValueError, match="cg_steps"):
+            implicit_meta_gradient(support, phi, g, lam=1.0, cg_steps=steps)
+    with pytest.raises(ValueError, match=r"only in query_grad: \['v'\]"):
+        implicit_meta_gradient(support, phi, {"w": torch.ones(3), "v": torch.ones(1)}, lam=1.0, cg_steps=2)
+    with pytest.raises(ValueError, match=r"'w'.*\(3,\).*\(4,\)"):
+        implicit_meta_gradient(support, phi, {"w": torch.ones(4)}, lam=1.0, cg_steps=2)
+    with pytest.raises(ValueError, match="cg_damping"):
+        implicit_meta_gradient(support, phi, g, lam=1.0, cg_steps=2, cg_damping=-0.5)
+
+
+def test_cg_damping_solves_damped_system():
+    d = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    phi = {"w": torch.zeros(3, dtype=torch.float64)}
+    g = {"w": torch.ones(3, dtype=torch.float64)}
+    x = implicit_meta_gradient(
+        lambda p: 0.5 * (d * p["w"] ** 2).sum(), phi, g, lam=2.0, cg_steps=5, cg_damping=0.5
+    )
+    torch.testing.assert_close(x["w"], 1.0 / (1.5 + d / 2.0), rtol=1e-12, atol=0)

@@ -1,0 +1,199 @@
+"""Tests of the proximal inner solvers (lightning_imaml.inner): each reaches the optimum of
+G(phi) = L(phi) + lam/2 ||phi - theta||^2 on a strongly convex task, and the iMAML meta-gradient computed at
+their solutions agrees across solvers (it depends only on phi*, not on the path)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from lightning_imaml.implicit import implicit_meta_gradient
+from lightning_imaml.inner import (
+    OPTIMIZERS,
+    gd_adapt,
+    hessian_free_adapt,
+    proximal_adapt,
+    proximal_objective,
+    torch_optimizer_adapt,
+)
+from lightning_imaml.params import flatten
+
+LAM = 1.0
+# (optimizer, steps, options, tolerance on ||grad G(phi)||): solvers with exact line searches / Newton steps
+# go to rounding level; Adam's fixed step only gets close (its steps shrink as its 2nd-moment estimate lags)
+SOLVERS = [
+    ("gd", 200, {"lr": 0.5}, 1e-10),
+    ("sgd", 150, {"lr": 0.5, "momentum": 0.5}, 1e-10),
+    ("adam", 500, {"lr": 0.02}, 1e-7),
+    # L-BFGS's strong-Wolfe search compares values of G; changes below float64 rounding of G (~1e-17) are
+    # invisible to it, which stalls it near ||grad|| ~ 1e-9 (measured 2.6e-9 / 7.4e-11 depending on rounding)
+    ("lbfgs", 50, {}, 1e-8),
+    ("hf", 15, {"hf_cg_steps": 6}, 1e-10),
+]
+
+
+def logistic_task(seed=0, d=5, n=20, m=20):
+    g = torch.Generator().manual_seed(seed)
+    Xs, Xq = (torch.randn(k, d, generator=g, dtype=torch.float64) for k in (n, m))
+    w0 = torch.randn(d, generator=g, dtype=torch.float64)
+    ys, yq = ((X @ w0 + 0.5 > 0).double() for X in (Xs, Xq))
+    theta = {"w": torch.randn(d, generator=g, dtype=torch.float64), "b": torch.zeros(1, dtype=torch.float64)}
+
+    def loss(X, y):
+        # logistic loss written out: F.binary_cross_entropy_with_logits took ~20 ms per call on this
+        # loaded 2-core machine (thread-pool dispatch), softplus is ~100x cheaper
+        def f(p):
+            z = X @ p["w"] + p["b"]
+            return (F.softplus(z) - y * z).mean()
+
+        return f
+
+    return theta, loss(Xs, ys), loss(Xq, yq)
+
+
+def grad_G(support, phi, theta, lam):
+    p = {k: v.clone().requires_grad_(True) for k, v in phi.items()}
+    G = proximal_objective(support, p, theta, lam)
+    return flatten(dict(zip(p, torch.autograd.grad(G, list(p.values())), strict=True)))
+
+
+@pytest.fixture(scope="module")
+def solutions():
+    theta, support, query = logistic_task()
+    out = {}
+    for name, steps, opts, _ in SOLVERS:
+        out[name] = proximal_adapt(support, theta, LAM, steps, optimizer=name, **opts)
+    return theta, support, query, out
+
+
+@pytest.mark.parametrize("name,steps,opts,tol", SOLVERS, ids=[s[0] for s in SOLVERS])
+def test_each_solver_reaches_proximal_optimum(solutions, name, steps, opts, tol):
+    theta, support, _, sols = solutions
+    phi = sols[name]
+    gn = grad_G(support, phi, theta, LAM).norm().item()
+    print(f"{name} ({steps} steps): ||grad G(phi)|| = {gn:.2e} (tol {tol:g})")
+    assert gn < tol
+    assert all(not v.requires_grad and v.grad_fn is None for v in phi.values())
+
+
+def test_meta_gradients_agree_across_solvers(solutions):
+    theta, support, query, sols = solutions
+    grads = {}
+    for name, phi in sols.items():
+        gq = torch.func.grad(query)(phi)
+        grads[name] = flatten(implicit_meta_gradient(support, phi, gq, lam=LAM, cg_steps=20))
+    ref = grads["hf"]
+    errs = {k: ((v - ref).norm() / ref.norm()).item() for k, v in grads.items()}
+    print("meta-gradient rel. difference to HF's: " + ", ".join(f"{k} {e:.1e}" for k, e in errs.items()))
+    assert max(errs.values()) < 1e-5
+
+
+def test_gd_matches_closed_form_ridge_and_allows_lam_zero():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(30, generator=g, dtype=torch.float64)
+    theta = {"w": torch.randn(3, generator=g, dtype=torch.float64)}
+
+    def support(p):
+        return 0.5 * ((X @ p["w"] - y) ** 2).mean()
+
+    for lam in (0.0, 0.5):
+        phi = gd_adapt(support, theta, lam, steps=400, lr=0.5)
+        A = X.T @ X / 30 + lam * torch.eye(3, dtype=torch.float64)
+        ref = torch.linalg.solve(A, X.T @ y / 30 + lam * theta["w"])
+        err = ((phi["w"] - ref).norm() / ref.norm()).item()
+        print(f"gd ridge lam={lam}: rel err to closed form {err:.1e}")
+        assert err < 1e-10
+
+
+def test_no_graph_no_side_effects_and_works_under_no_grad():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(16, 2), torch.randn(16, 1)
+    theta = dict(model.named_parameters())  # nn.Parameters that require grad
+
+    def support(p):
+        return F.mse_loss(functional_call(model, p, (x,)), y)
+
+    before = {k: v.detach().clone() for k, v in theta.items()}
+    for name in OPTIMIZERS:
+        with torch.no_grad():
+            phi = proximal_adapt(support, theta, 0.5, 5, optimizer=name)
+        assert all(not v.requires_grad and v.grad_fn is None for v in phi.values()), name
+        assert all(torch.isfinite(v).all() for v in phi.values()), name
+        assert support(phi) < support(before), name
+    assert all(p.grad is None for p in model.parameters())  # the module's .grad untouched
+    assert all(torch.equal(before[k], theta[k].detach()) for k in theta)  # theta untouched
+
+
+def test_graph_does_not_grow_with_steps():
+    # saved-tensor count of the largest live graph must not depend on the number of steps
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(16, 2), torch.randn(16, 1)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+
+    def support(p):
+        return F.mse_loss(functional_call(model, p, (x,)), y)
+
+    def peak_saved(optimizer, steps):
+        live, peak = [0], [0]
+
+        def pack(t):
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            return _Unpacked(t, live)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda u: u.t):
+            proximal_adapt(support, theta, 0.5, steps, optimizer=optimizer)
+        return peak[0]
+
+    # not "hf": its create_graph gradient makes the counting hook itself form a C++/Python reference cycle
+    # (saved output -> grad_fn -> hook object -> output), so the count would measure the hook, not the solver
+    for name in ("gd", "sgd", "adam", "lbfgs"):
+        assert peak_saved(name, 2) == peak_saved(name, 10), name
+
+
+class _Unpacked:
+    def __init__(self, t, live):
+        self.t, self.live = t, live
+
+    def __del__(self):
+        self.live[0] -= 1
+
+
+def test_hessian_free_survives_nonconvex_lam_zero():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    x = torch.linspace(-3, 3, 20, dtype=torch.float64)[:, None]
+    y = torch.sin(2 * x)
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+
+    def support(p):
+        return ((functional_call(model, p, (x,)) - y) ** 2).mean()
+
+    phi = hessian_free_adapt(support, theta, lam=0.0, steps=10, hf_cg_steps=5)
+    assert all(torch.isfinite(v).all() for v in phi.values())
+    assert support(phi) < 0.5 * support(theta)
+
+
+def test_bad_inputs():
+    theta = {"w": torch.ones(2)}
+
+    def support(p):
+        return (p["w"] ** 2).sum()
+
+    with pytest.raises(ValueError, match=r"unknown optimizer 'rmsprop'.*'gd'.*'hf'"):
+        proximal_adapt(support, theta, 1.0, 3, optimizer="rmsprop")
+    with pytest.raises(ValueError, match=r"valid names: \['adam', 'sgd'\]"):
+        torch_optimizer_adapt(support, theta, 1.0, 3, optimizer="nadam")
+    with pytest.raises(ValueError, match="lam"):
+        proximal_adapt(support, theta, -1.0, 3)
+    with pytest.raises(ValueError, match="steps"):
+        proximal_adapt(support, theta, 1.0, -1)
+    with pytest.raises(ValueError, match="hf_cg_steps"):
+        proximal_adapt(support, theta, 1.0, 3, optimizer="hf", hf_cg_steps=0)
+    # any torch.optim class works
+    phi = torch_optimizer_adapt(support, theta, 1.0, 50, optimizer=torch.optim.RMSprop, lr=0.05)
+    assert phi["w"].abs().max() < 0.5
