@@ -1,0 +1,298 @@
+"""Per-task meta-gradients of iMAML, MAML and first-order MAML (pure torch, no Lightning import).
+
+A *task* is ``(support_x, support_y, query_x, query_y)`` without the leading meta-batch dimension
+(e.g. ``support_x [N*K, C, H, W]``, ``support_y [N*K]`` int64 for classification, or ``[K, d]`` /
+``[K, 1]`` for regression). Parameters are dicts name -> Tensor as
+:func:`torch.func.functional_call` takes them (``theta``: the meta-parameters, only the trainable
+ones; the module's own tensors are used for everything not in the dict).
+
+For a task with support loss ``L_s`` and query loss ``L_q`` the three meta-gradients are
+
+* iMAML:   phi = argmin_phi L_s(phi) + lam/2 ||phi - theta||^2 (approximately, by an inner solver, no graph),
+           g = (I + H/lam)^{-1} grad L_q(phi), H = d^2 L_s / d phi^2 at phi
+           (CG, :mod:`lightning_imaml.implicit`)
+* MAML:    phi_0 = theta, phi_{t+1} = phi_t - alpha (grad L_s(phi_t) + lam (phi_t - theta)),
+           g = d L_q(phi_T) / d theta through the unrolled loop (create_graph; memory O(T))
+* FOMAML:  same phi as iMAML's solver (for "gd": MAML's phi_T), g = grad L_q(phi) (Jacobian taken as I)
+
+The Lightning glue (:mod:`lightning_imaml.meta`) averages them over the meta-batch.
+
+Mixed precision: a ``ForwardCast`` (device type, dtype) makes only the model forward run under
+``torch.autocast``; losses are computed in float32 and all CG / proximal / update arithmetic happens
+on the float32 (or float64) parameters outside autocast, so bf16 rounding never enters the CG inner
+products.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .implicit import implicit_meta_gradient
+from .inner import proximal_adapt
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = [
+    "ForwardCast",
+    "TaskResult",
+    "loss_for_task_type",
+    "make_task_loss",
+    "task_forward",
+    "imaml_task_meta_gradient",
+    "maml_task_meta_gradient",
+    "fomaml_task_meta_gradient",
+    "adapt",
+]
+
+
+class ForwardCast(NamedTuple):
+    """Autocast setting for model forwards only: ``torch.autocast(device_type, dtype)``."""
+
+    device_type: str
+    dtype: torch.dtype
+
+
+class TaskResult(NamedTuple):
+    """Meta-gradient of one task.
+
+    grad: dict like theta (detached). query_loss: scalar L_q(phi) (detached). query_out: the model's
+    query output at phi, e.g. logits [Q, n_way] (detached). support_loss: L_s(phi) without the proximal
+    term, scalar (detached; NaN when not computed). info: solver diagnostics (floats), e.g.
+    ``cg_steps``, ``cg_negative_curvature``, ``cg_residual``.
+    """
+
+    grad: Params
+    query_loss: Tensor
+    query_out: Tensor
+    support_loss: Tensor
+    info: dict[str, float]
+
+
+def loss_for_task_type(task_type: str) -> LossFn:
+    """Cross-entropy for "classification" (logits [n, C], int64 targets [n]), mean squared error for
+    "regression" (predictions and targets of equal shape, e.g. [n, 1])."""
+    if task_type == "classification":
+        return F.cross_entropy
+    if task_type == "regression":
+        return F.mse_loss
+    raise ValueError(f"task_type must be 'classification' or 'regression', got {task_type!r}")
+
+
+def _autocast_ctx(cast: ForwardCast | None):
+    if cast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=cast.device_type, dtype=cast.dtype)
+
+
+def task_forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, cast: ForwardCast | None = None):
+    """``model(x)`` with ``params`` substituted (functional_call). Low-precision outputs of an autocast
+    forward are returned in float32 so that losses and everything after them run in float32."""
+    with _autocast_ctx(cast):
+        out = functional_call(model, dict(params), (x,))
+    if out.dtype in (torch.float16, torch.bfloat16):
+        out = out.float()
+    return out
+
+
+def make_task_loss(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, cast: ForwardCast | None = None
+) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """Closure ``params -> loss_fn(model(x; params), y)``, a scalar."""
+
+    def loss(params: Mapping[str, Tensor]) -> Tensor:
+        return loss_fn(task_forward(model, params, x, cast), y)
+
+    return loss
+
+
+def _leaf_copy(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+def _grad_or_zeros(loss: Tensor, params: Params, create_graph: bool = False) -> Params:
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+    return {
+        k: (torch.zeros_like(p) if g is None else g) for (k, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def _query_grad(
+    query_loss: Callable, phi: Mapping[str, Tensor], model, qx, cast
+) -> tuple[Params, Tensor, Tensor]:
+    """grad L_q at phi (detached), the query loss and the query output."""
+    phi_leaf = _leaf_copy(phi)
+    out = task_forward(model, phi_leaf, qx, cast)
+    loss = query_loss(out)
+    grad = _grad_or_zeros(loss, phi_leaf)
+    return grad, loss.detach(), out.detach()
+
+
+def adapt(
+    model: nn.Module,
+    theta: Mapping[str, Tensor],
+    support_x: Tensor,
+    support_y: Tensor,
+    *,
+    loss_fn: LossFn,
+    lam: float,
+    steps: int,
+    lr: float,
+    optimizer: str = "gd",
+    hf_cg_steps: int = 5,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    cast: ForwardCast | None = None,
+) -> Params:
+    """Inner adaptation: phi ~ argmin L_s(phi) + lam/2 ||phi - theta||^2 from phi = theta, detached.
+
+    Thin wrapper over :func:`lightning_imaml.inner.proximal_adapt`; lam = 0 is plain fine-tuning and
+    steps = 0 returns a detached copy of theta.
+    """
+    theta = {k: v.detach() for k, v in theta.items()}
+    if steps == 0:
+        return {k: v.clone() for k, v in theta.items()}
+    support_loss = make_task_loss(model, support_x, support_y, loss_fn, cast)
+    return proximal_adapt(
+        support_loss,
+        theta,
+        lam=lam,
+        steps=steps,
+        optimizer=optimizer,
+        lr=lr,
+        hf_cg_steps=hf_cg_steps,
+        **dict(optimizer_kwargs or {}),
+    )
+
+
+def imaml_task_meta_gradient(
+    model: nn.Module,
+    theta: Mapping[str, Tensor],
+    task: tuple[Tensor, Tensor, Tensor, Tensor],
+    *,
+    loss_fn: LossFn,
+    lam: float,
+    inner_steps: int,
+    inner_lr: float,
+    inner_optimizer: str = "gd",
+    cg_steps: int = 5,
+    cg_damping: float = 0.0,
+    hf_cg_steps: int = 5,
+    inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+    cast: ForwardCast | None = None,
+) -> TaskResult:
+    """iMAML meta-gradient of one task: ((1 + cg_damping) I + H/lam)^{-1} grad L_q(phi).
+
+    phi comes from the inner solver (detached, so memory is independent of ``inner_steps``); H is
+    the support-loss Hessian at phi, used only through Hessian-vector products inside CG.
+    """
+    sx, sy, qx, qy = task
+    phi = adapt(
+        model,
+        theta,
+        sx,
+        sy,
+        loss_fn=loss_fn,
+        lam=lam,
+        steps=inner_steps,
+        lr=inner_lr,
+        optimizer=inner_optimizer,
+        hf_cg_steps=hf_cg_steps,
+        optimizer_kwargs=inner_optimizer_kwargs,
+        cast=cast,
+    )
+    qgrad, qloss, qout = _query_grad(lambda out: loss_fn(out, qy), phi, model, qx, cast)
+    support_loss = make_task_loss(model, sx, sy, loss_fn, cast)
+    grad, info = implicit_meta_gradient(
+        support_loss, phi, qgrad, lam=lam, cg_steps=cg_steps, cg_damping=cg_damping, return_info=True
+    )
+    with torch.no_grad():
+        sloss = support_loss(phi).detach()
+    diag = {
+        "cg_steps": float(info.steps),
+        "cg_residual": float(info.residual_norm),
+        "cg_negative_curvature": float(info.negative_curvature),
+    }
+    return TaskResult({k: v.detach() for k, v in grad.items()}, qloss, qout, sloss, diag)
+
+
+def maml_task_meta_gradient(
+    model: nn.Module,
+    theta: Mapping[str, Tensor],
+    task: tuple[Tensor, Tensor, Tensor, Tensor],
+    *,
+    loss_fn: LossFn,
+    lam: float = 0.0,
+    inner_steps: int = 1,
+    inner_lr: float = 0.1,
+    first_order: bool = False,
+    cast: ForwardCast | None = None,
+) -> TaskResult:
+    """MAML meta-gradient of one task by differentiating the unrolled inner loop.
+
+    phi_0 = theta, phi_{t+1} = phi_t - alpha (grad L_s(phi_t) + lam (phi_t - theta)), t < T = inner_steps;
+    returns d L_q(phi_T) / d theta. Second order (``first_order=False``) keeps every step's graph
+    (``create_graph=True``): memory and time grow linearly with T. With ``first_order=True`` the inner
+    gradients are detached (d phi_T / d theta taken as I + the proximal part), i.e. first-order MAML.
+    """
+    sx, sy, qx, qy = task
+    theta_leaf = _leaf_copy(theta)
+    support_loss = make_task_loss(model, sx, sy, loss_fn, cast)
+    phi: Params = dict(theta_leaf)
+    for _ in range(inner_steps):
+        loss = support_loss(phi)
+        if lam:
+            loss = loss + 0.5 * lam * sum(((phi[k] - theta_leaf[k]) ** 2).sum() for k in phi)
+        g = _grad_or_zeros(loss, phi, create_graph=not first_order)
+        phi = {k: phi[k] - inner_lr * g[k] for k in phi}
+    out = task_forward(model, phi, qx, cast)
+    qloss = loss_fn(out, qy)
+    grad = _grad_or_zeros(qloss, theta_leaf)
+    with torch.no_grad():
+        sloss = support_loss({k: v.detach() for k, v in phi.items()})
+    return TaskResult(grad, qloss.detach(), out.detach(), sloss, {})
+
+
+def fomaml_task_meta_gradient(
+    model: nn.Module,
+    theta: Mapping[str, Tensor],
+    task: tuple[Tensor, Tensor, Tensor, Tensor],
+    *,
+    loss_fn: LossFn,
+    lam: float = 0.0,
+    inner_steps: int = 1,
+    inner_lr: float = 0.1,
+    inner_optimizer: str = "gd",
+    hf_cg_steps: int = 5,
+    inner_optimizer_kwargs: Mapping[str, Any] | None = None,
+    cast: ForwardCast | None = None,
+) -> TaskResult:
+    """First-order MAML: grad L_q(phi) with phi from the (detached) inner solver; memory flat in T.
+
+    With ``inner_optimizer="gd"`` phi is exactly MAML's phi_T.
+    """
+    sx, sy, qx, qy = task
+    phi = adapt(
+        model,
+        theta,
+        sx,
+        sy,
+        loss_fn=loss_fn,
+        lam=lam,
+        steps=inner_steps,
+        lr=inner_lr,
+        optimizer=inner_optimizer,
+        hf_cg_steps=hf_cg_steps,
+        optimizer_kwargs=inner_optimizer_kwargs,
+        cast=cast,
+    )
+    grad, qloss, qout = _query_grad(lambda out: loss_fn(out, qy), phi, model, qx, cast)
+    with torch.no_grad():
+        sloss = make_task_loss(model, sx, sy, loss_fn, cast)(phi).detach()
+    return TaskResult(grad, qloss, qout, sloss, {})

@@ -1,0 +1,144 @@
+"""Reference networks for the iMAML experiments.
+
+Every network is a plain :class:`torch.nn.Module`; the meta-learners only ever call it through
+:func:`torch.func.functional_call` with a dict of parameters, so any other ``nn.Module`` works too.
+BatchNorm layers use ``track_running_stats=False``: statistics are always those of the current batch
+(transductive, as in MAML and iMAML), so the networks hold no buffers that adaptation would mutate.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+__all__ = ["OmniglotConv4", "MiniImageNetConv4", "SinusoidMLP", "paper_init_"]
+
+
+def paper_init_(module: nn.Module, gain: float = 1.73, bias_high: float = 0.05) -> nn.Module:
+    """Initialise like the official iMAML code (``implicit_maml/learner_model.py``).
+
+    Every ``Conv2d`` and ``Linear`` weight gets Xavier-uniform with ``gain`` (U(-a, a),
+    a = gain * sqrt(6 / (fan_in + fan_out))) and every bias U(0, ``bias_high``). BatchNorm affine
+    parameters keep PyTorch's defaults (weight 1, bias 0). Returns ``module`` for chaining.
+    """
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(layer.weight, gain=gain)
+            if layer.bias is not None:
+                nn.init.uniform_(layer.bias, a=0.0, b=bias_high)
+    return module
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class OmniglotConv4(nn.Sequential):
+    """The iMAML paper's Omniglot network, layer for layer as in the official code.
+
+    4 x [Conv2d(3x3, stride 2, padding 1, ``hidden`` channels) -> BatchNorm2d(track_running_stats=False)
+    -> ReLU], with ``ZeroPad2d((0, 1, 0, 1))`` (one row/column at the bottom/right) after block 2,
+    then Flatten and Linear(2 * 2 * hidden, n_way).
+
+    Spatial sizes for a 28 x 28 input: 28 -> 14 -> 7 -> pad 8 -> 4 -> 2, so the head sees
+    2 x 2 x 64 = 256 features.
+
+    Shapes: input ``[N, in_channels, 28, 28]`` -> logits ``[N, n_way]``.
+    Initialisation: :func:`paper_init_` (Xavier-uniform gain 1.73, bias U(0, 0.05)).
+    """
+
+    def __init__(self, n_way: int = 5, in_channels: int = 1, hidden: int = 64) -> None:
+        _check_positive_int("n_way", n_way)
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("hidden", hidden)
+        layers: list[tuple[str, nn.Module]] = []
+        channels = in_channels
+        for i in range(1, 5):
+            layers += [
+                (f"conv{i}", nn.Conv2d(channels, hidden, kernel_size=3, stride=2, padding=1)),
+                (f"bn{i}", nn.BatchNorm2d(hidden, track_running_stats=False)),
+                (f"relu{i}", nn.ReLU()),
+            ]
+            if i == 2:
+                layers.append(("pad2", nn.ZeroPad2d((0, 1, 0, 1))))
+            channels = hidden
+        layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(2 * 2 * hidden, n_way))]
+        super().__init__(OrderedDict(layers))
+        self.n_way = n_way
+        paper_init_(self)
+
+
+class MiniImageNetConv4(nn.Sequential):
+    """The standard Mini-ImageNet Conv4 (MAML / iMAML), 32 filters with max-pooling.
+
+    4 x [Conv2d(3x3, padding 1, ``hidden`` channels) -> BatchNorm2d(track_running_stats=False) -> ReLU
+    -> MaxPool2d(2)], then Flatten and Linear(5 * 5 * hidden, n_way).
+
+    Spatial sizes for an 84 x 84 input: 84 -> 42 -> 21 -> 10 -> 5, so the head sees
+    5 x 5 x 32 = 800 features.
+
+    Shapes: input ``[N, in_channels, 84, 84]`` -> logits ``[N, n_way]``.
+    Initialisation: :func:`paper_init_` (same scheme as the Omniglot network).
+    """
+
+    def __init__(self, n_way: int = 5, in_channels: int = 3, hidden: int = 32) -> None:
+        _check_positive_int("n_way", n_way)
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("hidden", hidden)
+        layers: list[tuple[str, nn.Module]] = []
+        channels = in_channels
+        for i in range(1, 5):
+            layers += [
+                (f"conv{i}", nn.Conv2d(channels, hidden, kernel_size=3, padding=1)),
+                (f"bn{i}", nn.BatchNorm2d(hidden, track_running_stats=False)),
+                (f"relu{i}", nn.ReLU()),
+                (f"pool{i}", nn.MaxPool2d(2)),
+            ]
+            channels = hidden
+        layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(5 * 5 * hidden, n_way))]
+        super().__init__(OrderedDict(layers))
+        self.n_way = n_way
+        paper_init_(self)
+
+
+class SinusoidMLP(nn.Sequential):
+    """Sinusoid-regression network of MAML / iMAML.
+
+    Linear(1, 40) - ReLU - Linear(40, 40) - ReLU - Linear(40, 1).
+
+    Shapes: input ``[N, 1]`` -> output ``[N, 1]``. PyTorch's default initialisation (as the official
+    iMAML ``make_fc_network``).
+    """
+
+    def __init__(self, hidden: int = 40, in_features: int = 1, out_features: int = 1) -> None:
+        _check_positive_int("hidden", hidden)
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("out_features", out_features)
+        super().__init__(
+            OrderedDict(
+                [
+                    ("fc1", nn.Linear(in_features, hidden)),
+                    ("relu1", nn.ReLU()),
+                    ("fc2", nn.Linear(hidden, hidden)),
+                    ("relu2", nn.ReLU()),
+                    ("fc3", nn.Linear(hidden, out_features)),
+                ]
+            )
+        )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars in ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+if __name__ == "__main__":  # pragma: no cover - quick shape check
+    for net, x in [
+        (OmniglotConv4(5), torch.zeros(2, 1, 28, 28)),
+        (MiniImageNetConv4(5), torch.zeros(2, 3, 84, 84)),
+        (SinusoidMLP(), torch.zeros(2, 1)),
+    ]:
+        print(type(net).__name__, tuple(net(x).shape), count_parameters(net))
