@@ -1,0 +1,306 @@
+"""Shared helpers for the benchmark scripts (``memory.py``, ``speed.py``, ``accuracy.py``).
+
+Nothing here imports Lightning; the project modules are imported lazily so that a missing optional piece
+(for example the batched path) is reported in the results instead of crashing the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+if str(REPO_ROOT) not in sys.path:  # so that `python benchmarks/x.py` finds the package without install
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+# ----------------------------------------------------------------------------------------------- machine
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """CPU count, torch version, device and GPU name, recorded with every result."""
+    device = torch.device(device)
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        affinity = os.cpu_count()
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "torch_num_threads": torch.get_num_threads(),
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_avg_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    for name in ("torchopt", "learn2learn", "lightning"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            info[name] = None
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------------ models
+class _RefOmniglotConv4(nn.Module):
+    """The paper's Omniglot network, used only if ``lightning_imaml.models`` is not importable.
+
+    4 x [conv3x3 stride 2 pad 1, 64 ch, BatchNorm(track_running_stats=False), ReLU] + Linear(256, n_way):
+    28 -> 14 -> 7 -> pad 8 -> 4 -> 2, 2 x 2 x 64 = 256 features (as ``lightning_imaml.models``).
+    """
+
+    def __init__(self, n_way: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for i in range(4):
+            layers += [
+                nn.Conv2d(c_in, 64, 3, stride=2, padding=1),
+                nn.BatchNorm2d(64, track_running_stats=False),
+                nn.ReLU(),
+            ]
+            if i == 1:
+                layers.append(nn.ZeroPad2d((0, 1, 0, 1)))
+            c_in = 64
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(256, n_way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def make_conv4(n_way: int) -> tuple[nn.Module, str]:
+    """The project's ``OmniglotConv4`` (or the reference copy above); returns (model, source)."""
+    try:
+        from lightning_imaml.models import OmniglotConv4
+
+        return OmniglotConv4(n_way), "lightning_imaml.models.OmniglotConv4"
+    except Exception:  # noqa: BLE001
+        return _RefOmniglotConv4(n_way), "benchmarks.common._RefOmniglotConv4 (project model unavailable)"
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- episodes
+def random_episodes(
+    meta_batch: int, n_way: int, k_shot: int, k_query: int, seed: int = 0, device: torch.device | str = "cpu"
+):
+    """A batch of random tasks with the shapes of collated Omniglot episodes (contract: ``Episode``)."""
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.rand(meta_batch, n_way * k_shot, 1, 28, 28, generator=g)
+    qx = torch.rand(meta_batch, n_way * k_query, 1, 28, 28, generator=g)
+    sy = torch.arange(n_way).repeat_interleave(k_shot).expand(meta_batch, -1).contiguous()
+    qy = torch.arange(n_way).repeat_interleave(k_query).expand(meta_batch, -1).contiguous()
+    batch = (sx.to(device), sy.to(device), qx.to(device), qy.to(device))
+    try:
+        from datamodules.episodic import Episode
+
+        return Episode(*batch)
+    except Exception:  # noqa: BLE001
+        return batch
+
+
+def omniglot_episodes(meta_batch: int, n_way: int, k_shot: int, k_query: int, seed: int = 0, device="cpu"):
+    """One batch of real Omniglot training episodes, or None when the data module or data is unavailable."""
+    try:
+        from datamodules import OmniglotDataModule
+
+        dm = OmniglotDataModule(
+            n_way=n_way, k_shot=k_shot, k_query=k_query, meta_batch_size=meta_batch, seed=seed, num_workers=0
+        )
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        return type(batch)(*(t.to(device) for t in batch))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def episodes(meta_batch, n_way, k_shot, k_query, seed=0, device="cpu", source="auto"):
+    """(batch, source) with source in {"omniglot", "random"}; "auto" tries Omniglot first."""
+    if source in ("auto", "omniglot"):
+        b = omniglot_episodes(meta_batch, n_way, k_shot, k_query, seed, device)
+        if b is not None:
+            return b, "omniglot"
+        if source == "omniglot":
+            raise RuntimeError("OmniglotDataModule or the Omniglot data is unavailable")
+    return random_episodes(meta_batch, n_way, k_shot, k_query, seed, device), "random"
+
+
+def task(batch, i: int):
+    sx, sy, qx, qy = batch
+    return sx[i], sy[i], qx[i], qy[i]
+
+
+def ce_loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """params -> cross-entropy of ``model`` (functional) on (x, y)."""
+    from torch.func import functional_call
+
+    def loss(params):
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------- numbers
+def tree_flat(d) -> torch.Tensor:
+    if isinstance(d, dict):
+        d = list(d.values())
+    return torch.cat([t.reshape(-1) for t in d])
+
+
+def rel_err_and_cosine(a, b) -> tuple[float, float]:
+    """Global relative error ||a-b|| / ||b|| and cosine, over all parameters, in float64."""
+    fa, fb = tree_flat(a).double(), tree_flat(b).double()
+    rel = float((fa - fb).norm() / fb.norm().clamp_min(1e-300))
+    cos = float(fa @ fb / (fa.norm() * fb.norm()).clamp_min(1e-300))
+    return rel, cos
+
+
+def median(xs):
+    s = sorted(xs)
+    n = len(s)
+    if n == 0:
+        return math.nan
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and 1.96 x standard error."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(values) / n
+    if n == 1:
+        return m, math.nan
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, 1.96 * math.sqrt(var / n)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------------- I/O
+def default_out(name: str) -> Path:
+    return RESULTS_DIR / f"{name}.json"
+
+
+def write_json(path: str | Path, obj: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_json_default)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.device):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def png_path(json_path: str | Path) -> Path:
+    return Path(json_path).with_suffix(".png")
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def peak_memory_bytes(fn, device: torch.device) -> tuple[int, str]:
+    """Peak memory allocated by ``fn()`` above what was allocated before it, and how it was measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocation before.
+    CPU: the allocator-level peak from ``torch.profiler`` memory events (``profile_memory=True``): the running
+    sum of the bytes of every allocation and free made by torch's CPU allocator while ``fn`` runs, maximised
+    over time. Byte-exact for tensors; it does not see memory that libraries allocate outside torch's
+    allocator (oneDNN scratch buffers, Python objects), and frees of blocks allocated before ``fn`` are not
+    subtracted.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before), "torch.cuda.max_memory_allocated"
+    import logging
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    mem = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    mem.sort(key=lambda e: e.start_ns())
+    cum = peak = 0
+    for e in mem:
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            cum += e.nbytes()
+            peak = max(peak, cum)
+    return int(peak), "torch.profiler CPU allocator events (profile_memory=True), running sum maximised"
+
+
+def mib(nbytes: float) -> float:
+    return float(nbytes) / 2**20
