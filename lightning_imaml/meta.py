@@ -30,9 +30,16 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import CatMetric
 
+from .batched import (
+    BATCHED_INNER_OPTIMIZERS,
+    BatchingUnsupported,
+    imaml_batched_meta_gradient,
+    probe_batching,
+)
 from .metagrad import (
     ForwardCast,
     TaskResult,
@@ -484,8 +491,14 @@ class IMAML(MetaLearner):
     steps, no graph kept), then g = ((1 + cg_damping) I + H/lam)^{-1} grad L_q(phi) by ``cg_steps`` CG
     steps (H the support-loss Hessian at phi). Memory is independent of ``inner_steps``.
 
-    ``batched_tasks``: run the whole meta-batch at once (``lightning_imaml.batched``, issue 7) instead
-    of the per-task loop of :meth:`MetaLearner.meta_gradient`.
+    ``batched_tasks``: run the whole meta-batch at once with ``torch.func.vmap``
+    (:func:`lightning_imaml.batched.imaml_batched_meta_gradient`) instead of the per-task loop of
+    :meth:`MetaLearner.meta_gradient`. ``None`` (default) means "on when it pays": batched on CUDA,
+    looped on CPU, where batching measured only 0.94x the loop's time for ~10x its memory (Omniglot
+    Conv4, 5-way 1-shot, meta-batch 32, 2 cores). Either way the batched path is used only when it is
+    supported: inner optimisers "gd", "sgd", "adam" (L-BFGS and HF fall back to the loop) and models
+    that vmap can run (no in-place buffer updates such as BatchNorm running statistics, no
+    data-dependent Python control flow); otherwise it warns once and loops.
     """
 
     def __init__(
@@ -497,7 +510,7 @@ class IMAML(MetaLearner):
         inner_optimizer: str = "gd",
         cg_steps: int = 5,
         cg_damping: float = 0.0,
-        batched_tasks: bool = False,
+        batched_tasks: bool | None = None,
         eval_inner_steps: int | None = None,
         eval_inner_lr: float | None = None,
         eval_lam: float | None = None,
@@ -529,7 +542,8 @@ class IMAML(MetaLearner):
         )
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
-        self.batched_tasks = bool(batched_tasks)
+        self.batched_tasks = None if batched_tasks is None else bool(batched_tasks)
+        self._batching_ok: bool | None = None  # probed on the first batch
 
     def task_meta_gradient(self, theta, task, cast=None) -> TaskResult:
         return imaml_task_meta_gradient(
@@ -548,15 +562,50 @@ class IMAML(MetaLearner):
             cast=cast,
         )
 
+    def _use_batched(self, batch: Any) -> bool:
+        wanted = self.batched_tasks
+        if wanted is None:
+            wanted = unpack_episode(batch)[0].is_cuda
+        if not wanted:
+            return False
+        if self._batching_ok is None:
+            ok = self.inner_optimizer.lower() in BATCHED_INNER_OPTIMIZERS
+            why = f"inner_optimizer={self.inner_optimizer!r} has no batched solver"
+            if ok:
+                sx, sy, _, _ = unpack_episode(batch)
+                theta = {k: v.detach() for k, v in self.meta_parameters().items()}
+                ok, why = probe_batching(self.model, sx, sy, loss_fn=self.loss_fn, params=theta)
+            if not ok and self.batched_tasks:
+                rank_zero_warn(f"batched_tasks=True: using the per-task loop instead ({why})")
+            self._batching_ok = ok
+        return self._batching_ok
+
     def meta_gradient(self, batch: Any, cast: ForwardCast | None = None):
-        if self.batched_tasks:
-            return self.batched_meta_gradient(batch, cast)
+        if self._use_batched(batch):
+            try:
+                return self.batched_meta_gradient(batch, cast)
+            except BatchingUnsupported as err:
+                rank_zero_warn(f"batched_tasks: using the per-task loop instead ({err})")
+                self._batching_ok = False
         return super().meta_gradient(batch, cast)
 
     def batched_meta_gradient(self, batch: Any, cast: ForwardCast | None = None):
-        """The whole meta-batch at once (issue 7); same return value as :meth:`MetaLearner.meta_gradient`."""
-        raise NotImplementedError(
-            "batched_tasks=True: the batched path (lightning_imaml.batched) is not wired yet"
+        """The whole meta-batch at once under vmap; same return value as :meth:`MetaLearner.meta_gradient`."""
+        sx, sy, qx, qy = unpack_episode(batch)
+        theta = {k: v.detach() for k, v in self.meta_parameters().items()}
+        return imaml_batched_meta_gradient(
+            self.model,
+            theta,
+            (sx, sy, qx, qy),
+            loss_fn=self.loss_fn,
+            lam=self.lam,
+            inner_steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+            inner_optimizer=self.inner_optimizer,
+            cg_steps=self.cg_steps,
+            cg_damping=self.cg_damping,
+            inner_optimizer_kwargs=self.inner_optimizer_kwargs,
+            cast=cast,
         )
 
 

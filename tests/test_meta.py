@@ -20,10 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_imaml import FOMAML, IMAML, MAML, MetaLearner, OmniglotConv4, SinusoidMLP
 from lightning_imaml.metagrad import maml_task_meta_gradient
 
-# One intra-op thread: these tensors are tiny, and on a busy shared machine OpenMP worker threads that
-# spin-wait and get descheduled made each op ~100x slower (measured: a 5-step CG 5 s vs 0.03 s).
-torch.set_num_threads(1)
-
 # ------------------------------------------------------------------------------------------------------
 # helpers
 

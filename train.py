@@ -1,0 +1,491 @@
+#!/usr/bin/env python
+"""Train and evaluate iMAML / MAML / FOMAML with PyTorch Lightning's ``LightningCLI``.
+
+    python train.py fit                       # iMAML on sinusoid regression (the embedded default)
+    python train.py fit --config configs/omniglot_5way1shot_imaml_gd.yaml
+    python train.py test --config configs/omniglot_5way1shot_imaml_gd.yaml --ckpt_path path/to/best.ckpt
+    python train.py fit --help                                  # every model, data and Trainer option
+
+Every ``Trainer`` argument is a flag (``--trainer.devices 2 --trainer.strategy ddp
+--trainer.precision bf16-mixed --trainer.max_steps 1000 ...``). The model is any ``MetaLearner``
+subclass (``--model IMAML``, ``MAML``, ``FOMAML``) around any ``nn.Module``
+(``--model.model OmniglotConv4``), the data any ``EpisodicDataModule`` subclass
+(``--data OmniglotDataModule``).
+
+What this script adds on top of a plain ``LightningCLI``:
+
+* an embedded default experiment (iMAML + ``SinusoidMLP`` on ``SinusoidDataModule``: no files, no
+  download), used when no ``--config`` is given, so that ``python train.py fit`` alone trains, validates
+  and meta-tests;
+* ``fit`` ends with a meta-test on the best checkpoint (``--test_after_fit false`` to skip) and
+  ``fit``/``test`` print a table "accuracy (or MSE) mean +- 95% CI over the test tasks";
+* the network's ``n_way`` and the learner's ``task_type`` follow the data module (``--data.n_way 20``
+  is enough);
+* default callbacks: ``checkpoint`` (``val/acc`` max for classification, ``val/mse`` min for regression,
+  plus ``last.ckpt``; configurable as ``--checkpoint.*``) and ``lr_monitor``; default loggers: CSV, plus
+  TensorBoard when ``tensorboard`` is installed, both in ``lightning_logs/<experiment>/version_N``;
+* a configuration value that the classes reject (``--model.lam -1``) is reported like a parsing error:
+  usage line, one message naming the problem, exit status 2, no traceback (``IMAML_CLI_DEBUG=1``
+  re-raises).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+# Imported (not only the base classes) so that the short names work on the command line and in configs
+# (`--model MAML`, `--model.model OmniglotConv4`, `--data OmniglotDataModule`) and `--help` lists them.
+from datamodules import EpisodicDataModule, MiniImageNetDataModule, OmniglotDataModule, SinusoidDataModule  # noqa: F401
+from lightning_imaml import FOMAML, IMAML, MAML, MetaLearner, MiniImageNetConv4, OmniglotConv4, SinusoidMLP  # noqa: F401
+
+# ----------------------------------------------------------------------------------------------------------
+# The embedded default experiment: `python train.py fit` with no --config. Kept identical to
+# configs/sinusoid_imaml.yaml (tests/test_cli.py checks it). Sized to finish, test included, in well under two
+# minutes on 2 CPU cores.
+# ----------------------------------------------------------------------------------------------------------
+DEFAULT_EXPERIMENT = "sinusoid_imaml"
+DEFAULT_CONFIG_YAML = """
+model:
+  class_path: lightning_imaml.IMAML
+  init_args:
+    model:
+      class_path: lightning_imaml.SinusoidMLP
+    task_type: regression
+    lam: 2.0
+    inner_steps: 10
+    inner_lr: 0.02
+    inner_optimizer: gd
+    cg_steps: 5
+    cg_damping: 0.0
+    eval_inner_steps: 10
+    eval_inner_lr: 0.02
+    eval_lam: 0.0
+    optimizer:
+      class_path: torch.optim.Adam
+      init_args:
+        lr: 0.003
+data:
+  class_path: datamodules.SinusoidDataModule
+  init_args:
+    k_shot: 10
+    k_query: 10
+    meta_batch_size: 10
+    val_tasks: 100
+    test_tasks: 600
+trainer:
+  max_steps: 300
+  val_check_interval: 100
+  check_val_every_n_epoch: null
+  log_every_n_steps: 10
+"""
+
+# Used by every experiment unless its config or the command line says otherwise.
+_LOGGER_NAME_AUTO = "auto"  # replaced by the experiment name (config file stem) before the loggers are built
+
+
+def _default_loggers() -> list[dict[str, Any]]:
+    loggers = [
+        {
+            "class_path": "pytorch_lightning.loggers.CSVLogger",
+            "init_args": {"save_dir": "lightning_logs", "name": _LOGGER_NAME_AUTO},
+        }
+    ]
+    if any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX")):
+        loggers.append(
+            {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "lightning_logs", "name": _LOGGER_NAME_AUTO},
+            }
+        )
+    return loggers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Callbacks
+# ----------------------------------------------------------------------------------------------------------
+def _task_type(trainer: Trainer, pl_module: LightningModule | None = None) -> str:
+    for obj in (getattr(trainer, "datamodule", None), pl_module):
+        task = getattr(obj, "task_type", None)
+        if task is None and obj is not None:
+            task = getattr(getattr(obj, "hparams", {}), "get", lambda *_: None)("task_type")
+        if task in ("classification", "regression"):
+            return task
+    return "classification"
+
+
+class MetaCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose monitored metric follows the task.
+
+    With ``monitor="auto"`` it keeps the best ``val/acc`` (mode max) for classification and the best
+    ``val/mse`` (mode min) for regression, read from the data module's ``task_type``. ``mode="auto"`` picks
+    max for metric names containing ``acc`` and min otherwise. ``save_last=True`` also keeps ``last.ckpt``.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = "best-step{step}",
+        monitor: str | None = "auto",
+        mode: str = "auto",
+        save_last: bool | None = True,
+        save_top_k: int = 1,
+        every_n_train_steps: int | None = None,
+        auto_insert_metric_name: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        self._auto_monitor = monitor == "auto"
+        self._auto_mode = mode == "auto"
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"checkpoint mode must be 'auto', 'min' or 'max', got {mode!r}")
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=None if self._auto_monitor else monitor,
+            mode="max" if self._auto_mode else mode,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            every_n_train_steps=every_n_train_steps,
+            auto_insert_metric_name=auto_insert_metric_name,
+            verbose=verbose,
+        )
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._auto_monitor:
+            self.monitor = "val/mse" if _task_type(trainer, pl_module) == "regression" else "val/acc"
+        if self._auto_mode and self.monitor is not None:
+            mode = "max" if "acc" in self.monitor else "min"
+            self.mode = mode
+            inf = float("inf")
+            import torch
+
+            self.kth_value = torch.tensor(-inf if mode == "max" else inf)
+        super().setup(trainer, pl_module, stage)
+
+
+class LRMonitor(LearningRateMonitor):
+    """``LearningRateMonitor`` that stands aside (instead of failing) when the Trainer has no logger."""
+
+    def on_train_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._disabled = not trainer.loggers
+        if not self._disabled:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        if not getattr(self, "_disabled", False):
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        if not getattr(self, "_disabled", False):
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class _SyncLoggerVersions(Callback):
+    """Give every logger the first logger's version, so CSV and TensorBoard files share one run directory."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        loggers = trainer.loggers
+        if len(loggers) < 2:
+            return
+        version = trainer.strategy.broadcast(loggers[0].version)
+        for logger in loggers[1:]:
+            if hasattr(logger, "_version") and logger._version is None:
+                logger._version = version
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The meta-test table
+# ----------------------------------------------------------------------------------------------------------
+def format_meta_test_table(
+    metrics: dict[str, Any], n_tasks: int | None = None, title: str = "Meta-test"
+) -> str:
+    """Format ``test/acc`` (or ``test/mse``) and its 95% CI as a small table. Accuracy is shown in percent."""
+
+    def val(key: str) -> float | None:
+        v = metrics.get(key)
+        return None if v is None else float(v)
+
+    rows: list[tuple[str, str]] = []
+    acc, acc_ci = val("test/acc"), val("test/acc_ci95")
+    if acc is not None:
+        scale = 100.0 if acc <= 1.0 else 1.0  # torchmetrics accuracy is a fraction
+        ci = f" +- {acc_ci * scale:.2f}%" if acc_ci is not None else ""
+        rows.append(("accuracy", f"{acc * scale:.2f}%{ci}"))
+    mse, mse_ci = val("test/mse"), val("test/mse_ci95")
+    if mse is not None:
+        ci = f" +- {mse_ci:.4f}" if mse_ci is not None else ""
+        rows.append(("mse", f"{mse:.4f}{ci}"))
+    loss = val("test/loss")
+    if loss is not None and mse is None:  # for regression the loss is the MSE
+        rows.append(("query loss", f"{loss:.4f}"))
+    if not rows:
+        return f"{title}: no test/acc or test/mse metric was logged"
+    head = f"{title}" + (f" over {n_tasks} test tasks" if n_tasks else "") + " (mean +- 95% CI)"
+    w0 = max(len("metric"), *(len(r[0]) for r in rows))
+    w1 = max(len("value"), *(len(r[1]) for r in rows))
+    line = f"+-{'-' * w0}-+-{'-' * w1}-+"
+    body = [line, f"| {'metric':<{w0}} | {'value':<{w1}} |", line]
+    body += [f"| {a:<{w0}} | {b:<{w1}} |" for a, b in rows]
+    body.append(line)
+    return "\n".join([head, *body])
+
+
+def _n_test_tasks(trainer: Trainer, datamodule: Any) -> int | None:
+    if trainer.fast_dev_run or trainer.limit_test_batches not in (1.0, None):
+        return None  # a truncated test: the count would be misleading
+    return getattr(datamodule, "test_tasks", None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CLI
+# ----------------------------------------------------------------------------------------------------------
+def _selects(argv: list[str], key: str) -> bool:
+    """Whether the command line picks a class for ``key`` (``--data X``, ``--model.model=X``)."""
+    return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
+
+
+def _embedded_defaults(argv: list[str]) -> dict[str, Any]:
+    """The embedded experiment as parser defaults, minus what the command line replaces.
+
+    jsonargparse carries a default's init_args over to a class chosen on the command line when the names
+    match, so a class picked with ``--model`` / ``--model.model`` / ``--data`` drops the embedded values
+    of that part: ``--data OmniglotDataModule`` gets Omniglot's own defaults, not the sinusoid's k_shot.
+    """
+    cfg = yaml.safe_load(DEFAULT_CONFIG_YAML)
+    if _selects(argv, "model"):
+        # another learner on the same problem: keep only the network and the task type, under the chosen
+        # class itself (jsonargparse would otherwise carry IMAML's values, defaults included, over to it)
+        learner = _resolve_learner(_selected_value(argv, "model"))
+        if learner is None:
+            del cfg["model"]
+        else:
+            init = cfg["model"]["init_args"]
+            cfg["model"] = {"class_path": learner, "init_args": {k: init[k] for k in ("model", "task_type")}}
+    if "model" in cfg and (_selects(argv, "model.model") or _selects(argv, "model.init_args.model")):
+        cfg["model"]["init_args"].pop("model")
+    if _selects(argv, "data"):
+        del cfg["data"]
+    return cfg
+
+
+def _selected_value(argv: list[str], key: str) -> str:
+    for i, a in enumerate(argv):
+        if a == f"--{key}":
+            return argv[i + 1] if i + 1 < len(argv) else ""
+        if a.startswith(f"--{key}="):
+            return a.split("=", 1)[1]
+    return ""
+
+
+def _resolve_learner(name: str) -> str | None:
+    """``MAML`` or ``lightning_imaml.MAML`` -> the class path of a MetaLearner subclass, else None."""
+    import lightning_imaml
+
+    cls = _import_class(name) if "." in name else getattr(lightning_imaml, name, None)
+    if isinstance(cls, type) and issubclass(cls, MetaLearner):
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return None
+
+
+def _has_config_arg(argv: list[str]) -> bool:
+    return any(a in ("-c", "--config") or a.startswith(("--config=", "-c=")) for a in argv)
+
+
+def _import_class(class_path: str) -> type | None:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+class MetaLearningCLI(LightningCLI):
+    """``LightningCLI`` for episodic meta-learning (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        argv = kwargs.get("args")
+        argv = sys.argv[1:] if argv is None else argv
+        self._argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else []
+        self._use_embedded_default = isinstance(argv, (list, tuple)) and not _has_config_arg(self._argv)
+        kwargs.setdefault("model_class", MetaLearner)
+        kwargs.setdefault("datamodule_class", EpisodicDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        # the outer optimiser is the learner's own injectable `optimizer` / `lr_scheduler` arguments
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        trainer_defaults = {"logger": _default_loggers(), "log_every_n_steps": 10}
+        trainer_defaults.update(kwargs.pop("trainer_defaults", None) or {})
+        callbacks = list(trainer_defaults.get("callbacks", []) or [])
+        trainer_defaults["callbacks"] = [*callbacks, _SyncLoggerVersions()]
+        kwargs["trainer_defaults"] = trainer_defaults
+        parser_kwargs = {"parser_mode": "omegaconf"} if _has_omegaconf() else {}
+        for sub in ("fit", "validate", "test"):
+            parser_kwargs[sub] = {"description": _SUBCOMMAND_HELP[sub] + _HELP_FOOTER}
+        kwargs.setdefault("parser_kwargs", parser_kwargs)
+        super().__init__(*args, **kwargs)
+
+    # ---- parser ------------------------------------------------------------------------------------------
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(MetaCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LRMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_argument(
+            "--experiment",
+            type=str | None,
+            default=None,
+            help="Run name for the default loggers (lightning_logs/<experiment>/version_N). "
+            "Default: the stem of the last --config file, else '" + DEFAULT_EXPERIMENT + "'.",
+        )
+        if self._use_embedded_default:
+            parser.set_defaults(_flatten_defaults(_embedded_defaults(self._argv)))
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument(
+                "--test_after_fit",
+                type=bool,
+                default=True,
+                help="After fit, meta-test the best checkpoint (the last weights under fast_dev_run) on the "
+                "data module's test tasks and print accuracy (or MSE) mean +- 95%% CI.",
+            )
+        return parser
+
+    # ---- config fix-ups before the classes exist ---------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        data = cfg.get("data")
+        model = cfg.get("model")
+        data_cls = _import_class(data.class_path) if data is not None and data.get("class_path") else None
+        if model is not None and model.get("init_args") is not None:
+            init = model.init_args
+            # the learner's task type follows the data module's
+            task = getattr(data_cls, "task_type", None)
+            if task in ("classification", "regression") and "task_type" in init:
+                init.task_type = task
+            # the network's n_way follows the data module's (a link: --data.n_way 20 is enough)
+            n_way = data.init_args.get("n_way") if data is not None and data.get("init_args") else None
+            net = init.get("model")
+            net_init = net.get("init_args") if net is not None and hasattr(net, "get") else None
+            if n_way is not None and net_init is not None:
+                if "n_way" in net_init and net_init.n_way != n_way:
+                    rank_zero_info(f"model.model.init_args.n_way set to data.n_way = {n_way}")
+                    net_init.n_way = n_way
+        # name the default loggers after the experiment
+        name = cfg.get("experiment") or _experiment_name(cfg, self._use_embedded_default)
+        trainer_cfg = cfg.get("trainer")
+        loggers = trainer_cfg.get("logger") if trainer_cfg is not None else None
+        for spec in loggers if isinstance(loggers, list) else [loggers]:
+            init = getattr(spec, "init_args", None)
+            if init is not None and init.get("name") == _LOGGER_NAME_AUTO:
+                init.name = name
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, KeyError, MisconfigurationException, FileNotFoundError) as err:
+            if os.environ.get("IMAML_CLI_DEBUG"):
+                raise
+            self._parser(self.subcommand).error(f"invalid configuration: {_clean_error(err)}")
+
+    # ---- subcommand hooks --------------------------------------------------------------------------------
+    def after_fit(self) -> None:
+        cfg = self.config[self.subcommand]
+        if not cfg.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        ckpt_path = "best" if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+        self._print_table(title="Meta-test" + (" (best checkpoint)" if ckpt_path else " (final weights)"))
+
+    def after_test(self) -> None:
+        self._print_table(title="Meta-test")
+
+    def _print_table(self, title: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        table = format_meta_test_table(
+            dict(self.trainer.callback_metrics), _n_test_tasks(self.trainer, self.datamodule), title=title
+        )
+        print("\n" + table, flush=True)
+
+
+_SUBCOMMAND_HELP = {
+    "fit": "Meta-train (then meta-test the best checkpoint; --test_after_fit false skips that).",
+    "validate": "Evaluate on the validation tasks (adaptation on each task's support set).",
+    "test": "Meta-test: adapt on each test task's support set, print accuracy (or MSE) mean +- 95% CI.",
+}
+_HELP_FOOTER = (
+    " Without --config: iMAML + SinusoidMLP on SinusoidDataModule (see configs/ for the paper's experiments)."
+    " The model's and data module's own options: --model.help IMAML (MAML, FOMAML),"
+    " --data.help OmniglotDataModule (MiniImageNetDataModule, SinusoidDataModule); every value in effect:"
+    " --print_config."
+)
+
+
+def _clean_error(err: BaseException) -> str:
+    """The class's own message, without jsonargparse's Optional[...]/Union wrapping around it."""
+    text = str(err)
+    lines = text.splitlines()
+    if lines and "Union subtypes" in lines[0]:
+        errors = [ln.strip()[2:] for ln in lines if ln.strip().startswith("- ") and "NoneType" not in ln]
+        if errors:
+            return "; ".join(errors)
+    return f"{type(err).__name__}: {text}"
+
+
+def _has_omegaconf() -> bool:
+    return importlib.util.find_spec("omegaconf") is not None
+
+
+def _flatten_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"trainer": {"max_steps": 1}}`` -> ``{"trainer.max_steps": 1}`` (class specs stay whole)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and "class_path" not in value:
+            out.update({f"{key}.{k}": v for k, v in _flatten_defaults(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _experiment_name(cfg: Any, embedded: bool) -> str:
+    configs = cfg.get("config") or []
+    paths = [p for p in configs if p is not None]
+    for p in reversed(paths):
+        text = str(getattr(p, "relative", None) or getattr(p, "absolute", None) or p)
+        stem = Path(text).stem
+        if stem:
+            return stem
+    if embedded:
+        model = (cfg.get("model") or {}).get("class_path", "")
+        data = (cfg.get("data") or {}).get("class_path", "")
+        if model.endswith("IMAML") and data.endswith("SinusoidDataModule"):
+            return DEFAULT_EXPERIMENT
+    model = (cfg.get("model") or {}).get("class_path", "model").rpartition(".")[2]
+    data = (cfg.get("data") or {}).get("class_path", "data").rpartition(".")[2].removesuffix("DataModule")
+    return f"{data.lower()}_{model.lower()}"
+
+
+def cli_main(args: Any = None, **kwargs: Any) -> MetaLearningCLI:
+    """Entry point; ``args`` as for ``LightningCLI`` (command-line strings, or None for sys.argv)."""
+    return MetaLearningCLI(args=args, **kwargs)
+
+
+if __name__ == "__main__":
+    cli_main()
