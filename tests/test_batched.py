@@ -26,10 +26,8 @@ from lightning_imaml.batched import (
     probe_batching,
 )
 from lightning_imaml.implicit import conjugate_gradient, implicit_meta_gradient
-from lightning_imaml.models import OmniglotConv4
-
 from lightning_imaml.inner import proximal_adapt
-
+from lightning_imaml.models import OmniglotConv4
 
 ADAPT = proximal_adapt
 
@@ -312,7 +310,15 @@ def test_imaml_module_batched_switch_matches_loop_and_falls_back():
     assert set(m_batch) >= {"query_loss", "support_loss", "query_acc"}
     assert torch.allclose(m_batch["query_loss"], m_loop["query_loss"], rtol=1e-5, atol=1e-6)
 
-    hf = IMAML(looped.model, batched_tasks=True, inner_optimizer="hf", inner_lr=1.0, lam=20.0, inner_steps=2, cg_steps=4)
+    hf = IMAML(
+        looped.model,
+        batched_tasks=True,
+        inner_optimizer="hf",
+        inner_lr=1.0,
+        lam=20.0,
+        inner_steps=2,
+        cg_steps=4,
+    )
     with pytest.warns(UserWarning, match="per-task loop"):
         g_hf, _ = hf.meta_gradient(batch)
     assert hf._batching_ok is False and all(torch.isfinite(v).all() for v in g_hf.values())
