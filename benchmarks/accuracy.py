@@ -109,6 +109,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cg-damping",
+        type=float,
+        default=None,
+        help="iMAML: solve ((1 + d) I + H/lam) x = g instead of the paper's d = 0 (configs: 0)",
+    )
     p.add_argument("--inner-steps-override", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -126,6 +132,8 @@ def method_settings(method: str, a) -> dict:
         s.update(inner_steps=a.inner_steps_override, eval_inner_steps=a.inner_steps_override)
         if "cg_steps" in s:
             s["cg_steps"] = 2
+    if a.cg_damping is not None and "cg_damping" in s:
+        s["cg_damping"] = a.cg_damping
     return s
 
 
