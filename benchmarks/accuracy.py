@@ -1,26 +1,37 @@
-"""Omniglot 5-way 1-shot accuracy under one budget of meta-steps: iMAML-GD vs FOMAML vs MAML (issue 6).
+"""Omniglot 5-way 1-shot accuracy under one budget of meta-steps: iMAML-GD, iMAML-HF, MAML and FOMAML side by
+side (issues 6 and 11).
 
 Each method is trained with the Lightning ``Trainer`` on the project's ``OmniglotDataModule`` (paper split:
 1100 meta-train / 100 validation / 423 meta-test characters, rotations as extra training classes) with the
 project's ``IMAML`` / ``FOMAML`` / ``MAML`` modules, for the same number of meta-steps (``--steps``) and
 meta-batch size, with a validation pass every ``--val-every`` steps (and one before training) on
-``--eval-tasks`` fixed validation tasks (learning curve: val accuracy vs step), then meta-tested on
-``--test-tasks`` (600) fixed test tasks with the final weights: accuracy +- 95% CI (1.96 standard errors).
+``--eval-tasks`` fixed validation tasks (learning curve: val accuracy vs step and vs seconds of training),
+then meta-tested on ``--test-tasks`` (600) fixed test tasks with the final weights: accuracy +- 95% CI
+(1.96 standard errors).
 
-Per-method settings are those of ``configs/omniglot_5way1shot_{imaml_gd,fomaml,maml}.yaml`` (paper and
-official code): iMAML-GD 16 inner GD steps, lr 0.1, lam 2, 5 CG steps, test-time 16 GD steps lr 0.1 lam 0;
-MAML and FOMAML 1 inner step lr 0.4 (Finn et al.), test-time 3 steps lr 0.4; Adam lr 1e-3; 1 query image
-per class as in the official code. ``--like-for-like`` gives MAML and FOMAML iMAML's inner loop instead.
+Per-method settings (``SETTINGS``; network ``OmniglotConv4`` with its default zero head for every method):
+- imaml (iMAML-GD, the package default): 16 inner steps of ``gd_armijo`` (safeguarded GD, largest step 0.1),
+  lam 2, 5 CG steps; test-time 16 ``gd_armijo`` steps, largest step 0.1, lam 0;
+- imaml_hf (iMAML-HF): Hessian-free Newton-CG inner solver (5 CG steps per direction, line search), lam 2,
+  5 CG steps for the meta-gradient; test-time the same solve;
+- maml / fomaml: 1 inner step lr 0.4 (Finn et al.), test-time 3 steps lr 0.4;
+Adam lr 1e-3; 1 query image per class as in the official code. ``--like-for-like`` gives MAML and FOMAML
+iMAML's 16 steps of lr 0.1 instead.
 
-Budget: the three runs should take about 90 minutes together on 2 CPU cores; the wall time is dominated by
-iMAML (16 inner steps + 5 CG steps per task). ``--budget-minutes 90`` times 2 meta-steps of each method on
-this machine first and sets the shared ``--steps`` to fit 85% of the budget (the rest for validation and
-the meta-test); the calibration is recorded in the JSON.
+Besides accuracy it records, per method: windowed means of the training metrics (query loss/accuracy after
+adaptation, the inner-solve residual ||grad L_s(phi) + lam (phi - theta)||, the share of tasks whose proximal
+objective rose, the CG residual), and at every validation a probe on 4 fixed training tasks: the top
+eigenvalue of the support-loss Hessian at theta (power iteration) and the method's own inner solve from
+there. A "collapse" verdict per method: validation accuracy never more than 3 points below its running
+best, and the windowed training query loss in the last 10 % of steps below 1.5 x its minimum.
 
-Runs sequentially and is resumable: a method whose ``<out stem>_<method>.json`` exists is skipped (delete it
-to re-run); progress goes to ``<out stem>.log``. Meant to be launched in the background:
+Runs the methods one after another and is resumable at two levels: a method whose
+``<out stem>_<method>.json`` exists is skipped (delete it to re-run), and a method cut off mid-run resumes
+from its last checkpoint (``<out stem>_ckpt/<method>/last.ckpt``, written at every validation, with the
+curves so far; the task stream restarts from its seed). Progress goes to ``<out stem>.log``. Meant to be
+launched in the background:
 
-  nohup .venv/bin/python benchmarks/accuracy.py --budget-minutes 90 > /dev/null 2>&1 &
+  nohup .venv/bin/python benchmarks/accuracy.py --steps 1000 --threads 2 > /dev/null 2>&1 &
   tail -f benchmarks/results/accuracy.log
   python benchmarks/accuracy.py --quick --out /tmp/acc/accuracy.json      # seconds, for the tests
 """
@@ -40,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-METHODS = ("imaml", "fomaml", "maml")
+METHODS = ("imaml", "maml", "fomaml", "imaml_hf")
 
 # configs/omniglot_5way1shot_*.yaml, model init_args (besides the network and the optimiser)
 SETTINGS = {
@@ -49,13 +60,23 @@ SETTINGS = {
         lam=2.0,
         cg_steps=5,
         cg_damping=0.0,
-        inner_optimizer="gd",
+        inner_optimizer="gd_armijo",
         inner_steps=16,
         inner_lr=0.1,
         eval_inner_steps=16,
         eval_inner_lr=0.1,
         eval_lam=0.0,
-        eval_inner_optimizer="gd",
+        eval_inner_optimizer="gd_armijo",
+    ),
+    "imaml_hf": dict(
+        cls="IMAML",
+        lam=2.0,
+        cg_steps=5,
+        cg_damping=0.0,
+        inner_optimizer="hf",
+        inner_steps=5,
+        hf_cg_steps=5,
+        inner_lr=1.0,
     ),
     "fomaml": dict(
         cls="FOMAML",
@@ -77,6 +98,16 @@ SETTINGS = {
         eval_lam=0.0,
         eval_inner_optimizer="gd",
     ),
+}
+# windowed training metrics (per-step values averaged over --val-every / 5 steps)
+TRAIN_KEYS = {
+    "train_loss": "train/loss",
+    "train_acc": "train/acc",
+    "inner_residual": "train/inner_residual",
+    "inner_residual_max": "train/inner_residual_max",
+    "inner_rose": "train/inner_rose",
+    "inner_accepted": "train/inner_accepted",
+    "cg_residual_max": "train/cg_residual_max",
 }
 
 log = logging.getLogger("accuracy")
@@ -115,12 +146,14 @@ def parse_args(argv=None):
         default=None,
         help="iMAML: solve ((1 + d) I + H/lam) x = g instead of the paper's d = 0 (configs: 0)",
     )
+    p.add_argument("--probe-tasks", type=int, default=4, help="training tasks probed at each validation")
     p.add_argument("--inner-steps-override", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
         a.steps, a.meta_batch_size, a.val_every, a.eval_tasks, a.test_tasks = 2, 2, 1, 2, 4
         a.eval_meta_batch_size = 2
         a.inner_steps_override = 2
+        a.probe_tasks = 1
     return a
 
 
@@ -144,6 +177,72 @@ def _float(x):
         return None
 
 
+def first_reaching(val_curve, level: float, key: str = "train_s"):
+    """Seconds of training (``key``) at the first validation with accuracy >= ``level``, else None."""
+    for row in val_curve:
+        if row["val_acc"] is not None and row["val_acc"] >= level:
+            return row[key]
+    return None
+
+
+def collapse_check(val_curve, train_curve, drop_points: float = 3.0, loss_factor: float = 1.5) -> dict:
+    """The issue's no-collapse criteria: validation accuracy never more than ``drop_points`` points below its
+    running best; windowed training query loss over the last 10 % of steps below ``loss_factor`` x its minimum
+    over the run."""
+    best, worst_drop = -1.0, 0.0
+    for row in val_curve:
+        if row["val_acc"] is None:
+            continue
+        best = max(best, row["val_acc"])
+        worst_drop = max(worst_drop, 100 * (best - row["val_acc"]))
+    losses = [(r["step"], r["train_loss"]) for r in train_curve if r.get("train_loss") is not None]
+    ok_loss, ratio = None, None
+    if losses:
+        last_step = losses[-1][0]
+        tail = [v for st, v in losses if st > 0.9 * last_step]
+        lo = min(v for _, v in losses)
+        ratio = max(tail) / lo if lo > 0 else None
+        ok_loss = ratio is not None and ratio < loss_factor
+    return {
+        "max_val_drop_points": worst_drop,
+        "val_ok": worst_drop <= drop_points,
+        "train_loss_last10pct_over_min": ratio,
+        "train_loss_ok": ok_loss,
+        "no_collapse": worst_drop <= drop_points and bool(ok_loss),
+    }
+
+
+def probe_row(module, tasks) -> dict:
+    """Curvature and inner-solve probe at the current theta on fixed training tasks (floats)."""
+    import torch
+
+    from lightning_imaml.diagnostics import hessian_top_eigenvalue
+    from lightning_imaml.metagrad import adapt, make_task_loss
+
+    theta = {k: v.detach() for k, v in module.meta_parameters().items()}
+    eigs, res, rose = [], [], []
+    with torch.inference_mode(False), torch.enable_grad():
+        for sx, sy in tasks:
+            eigs.append(hessian_top_eigenvalue(make_task_loss(module.model, sx, sy, module.loss_fn), theta))
+            _, info = adapt(
+                module.model,
+                theta,
+                sx,
+                sy,
+                loss_fn=module.loss_fn,
+                lam=module.lam,
+                steps=module.inner_steps,
+                lr=module.inner_lr,
+                optimizer=module.inner_optimizer,
+                hf_cg_steps=module.hf_cg_steps,
+                optimizer_kwargs=module.inner_optimizer_kwargs,
+                return_info=True,
+            )
+            res.append(float(info.residual))
+            rose.append(bool(info.rose))
+    return {"eig": eigs, "inner_residual": res, "inner_rose": rose}
+
+
 def run_method(method: str, a, out_path: Path) -> dict:
     import pytorch_lightning as pl
     import torch
@@ -152,10 +251,54 @@ def run_method(method: str, a, out_path: Path) -> dict:
     from lightning_imaml import meta
     from lightning_imaml.models import OmniglotConv4
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from inner_stability import probe_tasks
+
+    every = max(1, a.val_every // 5)
+
     class Curves(pl.Callback):
+        """Learning curves, probes and seconds of training; saved in checkpoints, so a resumed run goes on."""
+
         def __init__(self):
-            self.val, self.train = [], []
+            self.val, self.train, self.probe = [], [], []
+            self.train_s, self.wall_offset = 0.0, 0.0
             self.t0 = time.time()
+            self._window: dict[str, list] = {}
+            self._tb = None
+            self.tasks = probe_tasks(a.probe_tasks, a.n_way, a.k_shot) if a.probe_tasks else []
+
+        def wall(self):
+            return self.wall_offset + time.time() - self.t0
+
+        def state_dict(self):
+            return {
+                "val": self.val,
+                "train": self.train,
+                "probe": self.probe,
+                "train_s": self.train_s,
+                "wall_s": self.wall(),
+            }
+
+        def load_state_dict(self, state):
+            self.val, self.train, self.probe = state["val"], state["train"], state["probe"]
+            self.train_s, self.wall_offset, self.t0 = state["train_s"], state["wall_s"], time.time()
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._tb = time.time()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.train_s += time.time() - self._tb
+            m = trainer.callback_metrics
+            for name, key in TRAIN_KEYS.items():
+                if key in m:
+                    self._window.setdefault(name, []).append(float(m[key]))
+            step = int(trainer.global_step)
+            if step % every == 0 or step == 1:
+                row = {"step": step, "train_s": self.train_s, "wall_s": self.wall()}
+                for name, vals in self._window.items():
+                    row[name] = sum(vals) / len(vals) if vals else None
+                self._window = {}
+                self.train.append(row)
 
         def on_validation_end(self, trainer, module):
             if trainer.sanity_checking:
@@ -163,33 +306,29 @@ def run_method(method: str, a, out_path: Path) -> dict:
             m = trainer.callback_metrics
             row = {
                 "step": int(trainer.global_step),
-                "wall_s": time.time() - self.t0,
+                "train_s": self.train_s,
+                "wall_s": self.wall(),
                 "val_acc": _float(m.get("val/acc")),
                 "val_loss": _float(m.get("val/loss")),
                 "val_acc_pre": _float(m.get("val/acc_pre")),
             }
             self.val.append(row)
+            pr = ""
+            if self.tasks:
+                probe = {"step": row["step"], **probe_row(module, self.tasks)}
+                self.probe.append(probe)
+                eigs = [round(e, 1) for e in probe["eig"]]
+                pr = f" eig {eigs} inner residual {[round(r, 3) for r in probe['inner_residual']]}"
             log.info(
-                "%s step %d: val/acc %s val/loss %s (%.0f s)",
+                "%s step %d: val/acc %s val/loss %s (%.0f s training, %.0f s wall)%s",
                 method,
                 row["step"],
                 row["val_acc"],
                 row["val_loss"],
+                row["train_s"],
                 row["wall_s"],
+                pr,
             )
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            step = int(trainer.global_step)
-            if step % max(1, a.val_every // 5) == 0 or step == 1:
-                m = trainer.callback_metrics
-                self.train.append(
-                    {
-                        "step": step,
-                        "wall_s": time.time() - self.t0,
-                        "train_acc": _float(m.get("train/acc")),
-                        "train_loss": _float(m.get("train/loss")),
-                    }
-                )
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -213,6 +352,8 @@ def run_method(method: str, a, out_path: Path) -> dict:
         rotations=True,
     )
     curves = Curves()
+    ckpt_dir = out_path.parent / f"{Path(a.out).stem}_ckpt" / method
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
     trainer = pl.Trainer(
         max_steps=a.steps,
         val_check_interval=a.val_every,
@@ -220,17 +361,19 @@ def run_method(method: str, a, out_path: Path) -> dict:
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[curves],
+        callbacks=[curves, ckpt],
     )
-    t0 = time.time()
+    last = ckpt_dir / "last.ckpt"
     log.info("%s: start (%s)", method, json.dumps(method_settings(method, a)))
-    trainer.validate(module, datamodule=dm, verbose=False)  # the step-0 point of the learning curve
-    trainer.fit(module, datamodule=dm)
-    train_s = time.time() - t0
+    if last.exists():
+        log.info("%s: resuming from %s", method, last)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last))
+    else:
+        trainer.validate(module, datamodule=dm, verbose=False)  # the step-0 point of the learning curve
+        trainer.fit(module, datamodule=dm)
     if not curves.val or curves.val[-1]["step"] != a.steps:
         trainer.validate(module, datamodule=dm, verbose=False)
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
@@ -241,24 +384,30 @@ def run_method(method: str, a, out_path: Path) -> dict:
         "meta_batch_size": a.meta_batch_size,
         "val_curve": curves.val,
         "train_curve": curves.train,
+        "probe": curves.probe,
         "test_acc": _float(test.get("test/acc")),
         "test_acc_ci95": _float(test.get("test/acc_ci95")),
         "test_loss": _float(test.get("test/loss")),
         "test_tasks": a.test_tasks,
-        "train_wall_s": train_s,
-        "total_wall_s": time.time() - t0,
-        "s_per_meta_step": train_s / max(1, a.steps),
+        "train_wall_s": curves.train_s,
+        "total_wall_s": curves.wall(),
+        "s_per_meta_step": curves.train_s / max(1, a.steps),
+        "train_s_to_val_acc": {f"{int(100 * lv)}%": first_reaching(curves.val, lv) for lv in (0.8, 0.9)},
+        "collapse_check": collapse_check(curves.val, curves.train),
         "skipped_steps": int(getattr(module, "skipped_steps", 0)),
         "machine": common.machine_info(device),
+        "git": common.git_state(),
     }
     common.write_json(out_path, res)
     log.info(
-        "%s: test acc %.4f +- %.4f (%d tasks), %.0f s",
+        "%s: test acc %.4f +- %.4f (%d tasks), %.0f s training; to 80 %%/90 %% val acc: %s; %s",
         method,
         res["test_acc"] or float("nan"),
         res["test_acc_ci95"] or float("nan"),
         a.test_tasks,
-        res["total_wall_s"],
+        res["train_wall_s"],
+        res["train_s_to_val_acc"],
+        res["collapse_check"],
     )
     return res
 
@@ -369,15 +518,21 @@ def main(argv=None):
                     "test_loss",
                     "train_wall_s",
                     "s_per_meta_step",
+                    "train_s_to_val_acc",
+                    "collapse_check",
                     "settings",
                     "val_curve",
                     "train_curve",
+                    "probe",
                     "skipped_steps",
+                    "git",
                 )
+                if k in r
             }
             for m, r in per_method.items()
         },
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "git": common.git_state(),
     }
     common.write_json(out, result)
     plot(result, common.png_path(out))
@@ -388,26 +543,33 @@ def main(argv=None):
 
 
 def plot(result, path):
+    """Validation accuracy vs meta-step and vs seconds of training, one line per method."""
     plt = common.pyplot()
     cfg, mach = result["config"], result["machine"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    colors = {"imaml": "tab:red", "maml": "tab:blue", "fomaml": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
+    colors = {"imaml": "tab:red", "imaml_hf": "tab:purple", "maml": "tab:blue", "fomaml": "tab:green"}
+    names = {"imaml": "iMAML-GD", "imaml_hf": "iMAML-HF", "maml": "MAML", "fomaml": "FOMAML"}
     for m, r in result["methods"].items():
-        pts = [(v["step"], v["val_acc"]) for v in r["val_curve"] if v["val_acc"] is not None]
-        lab = m
+        rows = [v for v in r["val_curve"] if v["val_acc"] is not None]
+        lab = names.get(m, m)
         if r["test_acc"] is not None:
             lab += f"  (test {100 * r['test_acc']:.2f} +- {100 * (r['test_acc_ci95'] or 0):.2f} %)"
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", color=colors.get(m), label=lab)
+        acc = [100 * v["val_acc"] for v in rows]
+        axes[0].plot([v["step"] for v in rows], acc, marker=".", color=colors.get(m), label=lab)
+        secs = [v.get("train_s", v.get("wall_s")) for v in rows]
+        axes[1].plot(secs, acc, marker=".", color=colors.get(m), label=lab)
     dev = mach["gpu_name"] or f"CPU, {cfg['threads']} thread(s)"
-    ax.set_xlabel("meta-step")
-    ax.set_ylabel(f"validation accuracy (%) on {cfg['eval_tasks']} tasks")
-    ax.set_title(
+    axes[0].set_xlabel("meta-step")
+    axes[1].set_xlabel("seconds of training (validation excluded)")
+    axes[0].set_ylabel(f"validation accuracy (%) on {cfg['eval_tasks']} tasks")
+    fig.suptitle(
         f"Omniglot {cfg['n_way']}-way {cfg['k_shot']}-shot, meta-batch {cfg['meta_batch_size']}, "
         f"{cfg['steps']} meta-steps ({dev})",
         fontsize=9,
     )
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -260,6 +260,18 @@ def pyplot():
     return plt
 
 
+def git_state() -> dict[str, Any]:
+    """The commit the benchmark ran on and whether the tree had uncommitted changes (tracked files)."""
+    import subprocess
+
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 

@@ -34,7 +34,9 @@ All minimise ``L_t(phi_t) + lam/2 ||phi_t - theta||^2`` from ``phi_t = theta`` f
 no autograd graph across steps (memory flat in the number of steps), step for step as
 ``inner.proximal_adapt`` with the same name:
 
-* ``"gd"``: ``phi <- phi - lr (grad L(phi) + lam (phi - theta))``;
+* ``"gd_armijo"`` and ``"gd"``: ``inner.gd_armijo_adapt`` / ``inner.gd_adapt`` themselves, vmapped over the
+  tasks (written once, per task, with ``torch.where`` masks: each task keeps its own step size and
+  accept / reject decisions);
 * ``"sgd"``: ``torch.optim.SGD`` by hand (momentum, dampening, nesterov, weight_decay);
 * ``"adam"``: ``torch.optim.Adam`` by hand (betas, eps, weight_decay).
 
@@ -73,6 +75,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from . import inner
+
 __all__ = [
     "BATCHED_INNER_OPTIMIZERS",
     "BatchedCGInfo",
@@ -91,7 +95,7 @@ __all__ = [
     "probe_batching",
 ]
 
-BATCHED_INNER_OPTIMIZERS = ("gd", "sgd", "adam")
+BATCHED_INNER_OPTIMIZERS = ("gd_armijo", "gd", "sgd", "adam")
 """Inner optimisers :func:`batched_proximal_adapt` runs batched; the others need the per-task loop."""
 
 Params = dict[str, Tensor]
@@ -119,6 +123,7 @@ class BatchedMetaGradient(NamedTuple):
     support_loss: per-task support loss (without the proximal term) at phi, shape [T].
     cg_info: per-task :class:`BatchedCGInfo`.
     phi: the adapted batched parameters (detached), leading dim T.
+    inner_info: per-task ``inner.InnerInfo`` of the inner solve (each field [T]).
     """
 
     grad: Params
@@ -127,6 +132,7 @@ class BatchedMetaGradient(NamedTuple):
     support_loss: Tensor
     cg_info: BatchedCGInfo
     phi: Params
+    inner_info: inner.InnerInfo | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -263,6 +269,45 @@ _SGD_KEYS = {"momentum", "dampening", "nesterov", "weight_decay"}
 _ADAM_KEYS = {"betas", "eps", "weight_decay", "amsgrad"}
 
 
+def _vmapped_solver(
+    model,
+    theta,
+    support_x,
+    support_y,
+    lam,
+    steps,
+    optimizer,
+    lr,
+    loss_fn,
+    buffers,
+    randomness,
+    cast,
+    optimizer_kwargs,
+):
+    """The per-task solvers of :mod:`lightning_imaml.inner` (``inner.VMAPPABLE``) under vmap: the very
+    functions the looped path calls, one task per vmap lane, each with its own step sizes and masks."""
+    solver = {"gd": inner.gd_adapt, "gd_armijo": inner.gd_armijo_adapt}[optimizer]
+    if optimizer == "gd" and optimizer_kwargs:
+        raise BatchingUnsupported(f"gd takes no optimizer kwargs, got {sorted(optimizer_kwargs)}")
+    f = _per_task_fn(model, loss_fn, buffers, cast)
+
+    def one_task(x, y):
+        def support_loss(p):
+            return f(p, x, y)[0]
+
+        phi, info = solver(support_loss, theta, lam, steps, lr=lr, return_info=True, **optimizer_kwargs)
+        return phi, tuple(info)
+
+    with torch.inference_mode(False):
+        phi, info = vmap(one_task, randomness=randomness)(
+            _as_grad_input(support_x), _as_grad_input(support_y)
+        )
+    num_tasks = support_x.shape[0]
+    # outputs that do not depend on the task (e.g. gd_armijo's constant rose=False) come back unbatched
+    info = [t.expand(num_tasks) if t.dim() == 0 else t for t in info]
+    return {k: v.detach() for k, v in phi.items()}, inner.InnerInfo(*info)
+
+
 def batched_proximal_adapt(
     model: nn.Module,
     theta: Mapping[str, Tensor],
@@ -270,19 +315,22 @@ def batched_proximal_adapt(
     support_y: Tensor,
     lam: float,
     steps: int,
-    optimizer: str = "gd",
+    optimizer: str = "gd_armijo",
     lr: float = 0.1,
     loss_fn: LossFn = F.cross_entropy,
     buffers: Mapping[str, Tensor] | None = None,
     randomness: str = "different",
     cast: tuple[str, torch.dtype] | None = None,
+    return_info: bool = False,
     **optimizer_kwargs,
-) -> Params:
+):
     """Batched ``inner.proximal_adapt``: minimise ``L_t(phi_t) + lam/2 ||phi_t - theta||^2`` for every task.
 
     theta: unbatched dict (the meta-parameters); support_x/support_y: [T, n, ...]. Returns the batched phi
-    (leading dim T), detached. Supported optimisers: :data:`BATCHED_INNER_OPTIMIZERS`; anything else raises
-    :class:`BatchingUnsupported` (use the per-task loop).
+    (leading dim T), detached, or ``(phi, InnerInfo)`` with ``return_info`` (each field a [T] tensor).
+    "gd_armijo" and "gd" are ``inner.gd_armijo_adapt`` / ``inner.gd_adapt`` themselves under vmap; "sgd"
+    and "adam" are re-implemented here batched. Anything else raises :class:`BatchingUnsupported` (use the
+    per-task loop).
     """
     optimizer = optimizer.lower()
     if optimizer not in BATCHED_INNER_OPTIMIZERS:
@@ -293,26 +341,51 @@ def batched_proximal_adapt(
         raise ValueError(f"lam must be >= 0, got {lam}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    num_tasks = support_x.shape[0]
     theta = {k: v.detach() for k, v in theta.items()}
+    if optimizer in inner.VMAPPABLE:
+        phi, info = _vmapped_solver(
+            model,
+            theta,
+            support_x,
+            support_y,
+            lam,
+            steps,
+            optimizer,
+            lr,
+            loss_fn,
+            buffers,
+            randomness,
+            cast,
+            optimizer_kwargs,
+        )
+        return (phi, info) if return_info else phi
+    num_tasks = support_x.shape[0]
     phi = broadcast_params(theta, num_tasks)
+    track = {"residual0": None, "rose": None, "prev": None}
+
+    def prox_value(losses: Tensor, p: Params) -> Tensor:
+        if lam == 0:
+            return losses
+        return losses + 0.5 * lam * _bdot({k: p[k] - theta[k] for k in p}, {k: p[k] - theta[k] for k in p})
 
     def prox_grad(p: Params) -> Params:
-        _, _, g, _ = batched_loss_and_grad(
+        losses, _, g, _ = batched_loss_and_grad(
             model, p, support_x, support_y, loss_fn, buffers, False, randomness, cast
         )
-        if lam == 0:
-            return g
-        return {k: g[k] + lam * (p[k] - theta[k]) for k in p}
+        if lam != 0:
+            g = {k: g[k] + lam * (p[k] - theta[k]) for k in p}
+        if return_info:
+            val = prox_value(losses, p)
+            if track["residual0"] is None:
+                track["residual0"] = _bdot(g, g).sqrt()
+                track["rose"] = torch.zeros_like(val, dtype=torch.bool)
+            else:
+                track["rose"] = track["rose"] | inner._rose(val, track["prev"])
+            track["prev"] = val
+        return g
 
     with torch.no_grad():
-        if optimizer == "gd":
-            if optimizer_kwargs:
-                raise BatchingUnsupported(f"gd takes no optimizer kwargs, got {sorted(optimizer_kwargs)}")
-            for _ in range(steps):
-                g = prox_grad(phi)
-                phi = {k: phi[k] - lr * g[k] for k in phi}
-        elif optimizer == "sgd":
+        if optimizer == "sgd":
             extra = set(optimizer_kwargs) - _SGD_KEYS
             if extra:
                 raise BatchingUnsupported(f"sgd options {sorted(extra)} are not batched")
@@ -354,7 +427,15 @@ def batched_proximal_adapt(
                     v2[k] = v2[k] * beta2 + (1 - beta2) * g[k] * g[k]
                     denom = v2[k].sqrt() / bc2_sqrt + eps
                     phi[k] = phi[k] - (lr / bc1) * m[k] / denom
-    return {k: v.detach() for k, v in phi.items()}
+    phi = {k: v.detach() for k, v in phi.items()}
+    if not return_info:
+        return phi
+    g = prox_grad(phi)  # one more evaluation: the residual at the returned phi (and the last rise check)
+    residual = _bdot(g, g).sqrt()
+    residual0 = residual if track["residual0"] is None else track["residual0"]
+    rose = track["rose"] if track["rose"] is not None else torch.zeros_like(residual, dtype=torch.bool)
+    accepted = torch.full_like(residual, float(steps))
+    return phi, inner.InnerInfo(residual, residual0, rose, accepted, track["prev"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -532,7 +613,7 @@ def batched_implicit_meta_gradient(
     lam: float,
     inner_steps: int,
     inner_lr: float,
-    inner_optimizer: str = "gd",
+    inner_optimizer: str = "gd_armijo",
     cg_steps: int = 5,
     cg_damping: float = 0.0,
     loss_fn: LossFn = F.cross_entropy,
@@ -554,7 +635,7 @@ def batched_implicit_meta_gradient(
     """
     if lam <= 0:
         raise ValueError(f"lam must be > 0 for the implicit gradient, got {lam}")
-    phi = batched_proximal_adapt(
+    phi, inner_info = batched_proximal_adapt(
         model,
         theta,
         support_x,
@@ -567,6 +648,7 @@ def batched_implicit_meta_gradient(
         buffers,
         randomness,
         cast,
+        True,
         **optimizer_kwargs,
     )
     q_loss, q_out, g, _ = batched_loss_and_grad(
@@ -582,6 +664,7 @@ def batched_implicit_meta_gradient(
         support_loss=s_loss,
         cg_info=info,
         phi=phi,
+        inner_info=inner_info,
     )
 
 
@@ -594,7 +677,7 @@ def imaml_batched_meta_gradient(
     lam: float,
     inner_steps: int,
     inner_lr: float | None,
-    inner_optimizer: str = "gd",
+    inner_optimizer: str = "gd_armijo",
     cg_steps: int = 5,
     cg_damping: float = 0.0,
     inner_optimizer_kwargs: Mapping | None = None,
@@ -605,8 +688,9 @@ def imaml_batched_meta_gradient(
 
     batch: (support_x, support_y, query_x, query_y) with the leading task dim B. grad: mean over tasks, keys
     and shapes of theta (detached). metrics: per-task float32 tensors [B]: ``query_loss``, ``support_loss``,
-    ``query_acc`` (classification targets only), ``cg_steps``, ``cg_negative_curvature``, ``cg_residual`` --
-    the same keys the looped ``metagrad.imaml_task_meta_gradient`` path produces. ``cast`` = ``(device_type,
+    ``query_acc`` (classification targets only), ``cg_steps``, ``cg_negative_curvature``, ``cg_residual``,
+    ``inner_residual``, ``inner_residual_rel``, ``inner_rose``, ``inner_accepted`` -- the same keys the
+    looped ``metagrad.imaml_task_meta_gradient`` path produces. ``cast`` = ``(device_type,
     dtype)`` (e.g. a ``metagrad.ForwardCast``): autocast for the model forwards only.
     Raises :class:`BatchingUnsupported` for inner optimisers/options that are not batched.
     """
@@ -635,6 +719,13 @@ def imaml_batched_meta_gradient(
     metrics["cg_steps"] = res.cg_info.steps.float()
     metrics["cg_negative_curvature"] = res.cg_info.negative_curvature.float()
     metrics["cg_residual"] = res.cg_info.residual_norm.float()
+    ii = res.inner_info
+    metrics["inner_residual"] = ii.residual.float()
+    metrics["inner_residual_rel"] = torch.where(
+        ii.residual0 > 0, ii.residual / ii.residual0, torch.zeros_like(ii.residual)
+    ).float()
+    metrics["inner_rose"] = ii.rose.float()
+    metrics["inner_accepted"] = ii.accepted.float()
     return res.grad, metrics
 
 

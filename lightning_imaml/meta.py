@@ -53,7 +53,7 @@ from .metagrad import (
 
 __all__ = ["MetaLearner", "IMAML", "MAML", "FOMAML", "INNER_OPTIMIZERS", "unpack_episode"]
 
-INNER_OPTIMIZERS = ("gd", "sgd", "adam", "lbfgs", "hf")
+INNER_OPTIMIZERS = ("gd_armijo", "gd", "sgd", "adam", "lbfgs", "hf")
 TASK_TYPES = ("classification", "regression")
 
 
@@ -300,7 +300,8 @@ class MetaLearner(pl.LightningModule):
 
         Returns ``(grad, metrics)``: ``grad`` a dict like :meth:`meta_parameters` (detached);
         ``metrics`` per-task tensors of shape [B]: ``query_loss``, ``support_loss``, ``query_acc``
-        (classification only) and any solver diagnostics (e.g. ``cg_steps``, ``cg_negative_curvature``).
+        (classification only) and any solver diagnostics (e.g. ``cg_steps``, ``cg_negative_curvature``,
+        ``inner_residual``, ``inner_rose``).
         """
         sx, sy, qx, qy = unpack_episode(batch)
         theta = {k: v.detach() for k, v in self.meta_parameters().items()}
@@ -366,7 +367,39 @@ class MetaLearner(pl.LightningModule):
         for key in ("cg_steps", "cg_negative_curvature", "cg_residual"):
             if key in metrics:
                 self.log(f"train/{key}", metrics[key].float().mean(), batch_size=bs)
+        # quality of the inner solves (the implicit gradient assumes inner_residual = 0)
+        for key in ("inner_residual", "inner_residual_rel", "inner_rose", "inner_accepted"):
+            if key in metrics:
+                self.log(f"train/{key}", metrics[key].float().mean(), batch_size=bs)
+        for key in ("inner_residual", "cg_residual"):
+            if key in metrics:
+                self.log(f"train/{key}_max", metrics[key].float().max(), batch_size=bs)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=bs)
+        self._watch_inner_solves(metrics)
+
+    # a meta-step's inner solves "fail" when the majority of its tasks' proximal objective rose or their
+    # residual ended above the starting gradient norm; warn after this many failing steps in a row
+    inner_failure_patience = 20
+
+    def _watch_inner_solves(self, metrics: Mapping[str, Tensor]) -> None:
+        if "inner_rose" not in metrics:
+            return
+        failed = (metrics["inner_rose"] > 0) | (metrics["inner_residual_rel"] > 1)
+        if float(failed.float().mean()) > 0.5:
+            self._inner_failures = getattr(self, "_inner_failures", 0) + 1
+        else:
+            self._inner_failures = 0
+        if self._inner_failures == self.inner_failure_patience:
+            rose = float(metrics["inner_rose"].float().mean())
+            rel = float(metrics["inner_residual_rel"].max())
+            rank_zero_warn(
+                f"inner solves keep failing: for {self.inner_failure_patience} meta-steps in a row most "
+                f"tasks' proximal objective rose during {self.inner_optimizer!r} (train/inner_rose "
+                f"{rose:.2f}) or ended with a larger gradient than it started with "
+                f"(train/inner_residual_rel max {rel:.2f}). "
+                "The implicit meta-gradient is then taken at a non-stationary point. Use "
+                "inner_optimizer='gd_armijo' (safeguarded step), a smaller inner_lr, or a larger lam."
+            )
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(list(self.meta_parameters().values()))
@@ -491,13 +524,22 @@ class IMAML(MetaLearner):
     steps, no graph kept), then g = ((1 + cg_damping) I + H/lam)^{-1} grad L_q(phi) by ``cg_steps`` CG
     steps (H the support-loss Hessian at phi). Memory is independent of ``inner_steps``.
 
+    The default inner solver is ``"gd_armijo"``: gradient descent whose per-task step is accepted only if
+    it decreases the proximal objective enough, so it cannot diverge when meta-training sharpens the
+    support loss past what a fixed step handles (``"gd"``, the textbook fixed step, stays available;
+    see :func:`lightning_imaml.inner.gd_armijo_adapt`). ``inner_lr`` is then its largest step. Each
+    training step logs the quality of the inner solves: ``train/inner_residual`` (mean and ``_max`` over
+    the meta-batch) = ||grad L_s(phi) + lam (phi - theta)||, ``train/inner_residual_rel``,
+    ``train/inner_rose`` (share of tasks whose objective rose) and ``train/inner_accepted``; a warning
+    is raised when most solves fail for 20 meta-steps in a row.
+
     ``batched_tasks``: run the whole meta-batch at once with ``torch.func.vmap``
     (:func:`lightning_imaml.batched.imaml_batched_meta_gradient`) instead of the per-task loop of
     :meth:`MetaLearner.meta_gradient`. ``None`` (default) means "on when it pays": batched on CUDA,
     looped on CPU, where batching measured only 0.94x the loop's time for ~10x its memory (Omniglot
     Conv4, 5-way 1-shot, meta-batch 32, 2 cores). Either way the batched path is used only when it is
-    supported: inner optimisers "gd", "sgd", "adam" (L-BFGS and HF fall back to the loop) and models
-    that vmap can run (no in-place buffer updates such as BatchNorm running statistics, no
+    supported: inner optimisers "gd_armijo", "gd", "sgd", "adam" (L-BFGS and HF fall back to the loop)
+    and models that vmap can run (no in-place buffer updates such as BatchNorm running statistics, no
     data-dependent Python control flow); otherwise it warns once and loops.
     """
 
@@ -507,7 +549,7 @@ class IMAML(MetaLearner):
         lam: float = 2.0,
         inner_steps: int = 16,
         inner_lr: float = 0.1,
-        inner_optimizer: str = "gd",
+        inner_optimizer: str = "gd_armijo",
         cg_steps: int = 5,
         cg_damping: float = 0.0,
         batched_tasks: bool | None = None,

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .implicit import implicit_meta_gradient
-from .inner import proximal_adapt
+from .inner import InnerInfo, proximal_adapt
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -50,6 +50,7 @@ __all__ = [
     "maml_task_meta_gradient",
     "fomaml_task_meta_gradient",
     "adapt",
+    "inner_diagnostics",
 ]
 
 
@@ -149,15 +150,14 @@ def adapt(
     hf_cg_steps: int = 5,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     cast: ForwardCast | None = None,
-) -> Params:
+    return_info: bool = False,
+):
     """Inner adaptation: phi ~ argmin L_s(phi) + lam/2 ||phi - theta||^2 from phi = theta, detached.
 
     Thin wrapper over :func:`lightning_imaml.inner.proximal_adapt`; lam = 0 is plain fine-tuning and
-    steps = 0 returns a detached copy of theta.
+    steps = 0 returns a detached copy of theta. ``return_info``: ``(phi, InnerInfo)``.
     """
     theta = {k: v.detach() for k, v in theta.items()}
-    if steps == 0:
-        return {k: v.clone() for k, v in theta.items()}
     support_loss = make_task_loss(model, support_x, support_y, loss_fn, cast)
     return proximal_adapt(
         support_loss,
@@ -167,8 +167,22 @@ def adapt(
         optimizer=optimizer,
         lr=lr,
         hf_cg_steps=hf_cg_steps,
+        return_info=return_info,
         **dict(optimizer_kwargs or {}),
     )
+
+
+def inner_diagnostics(info: InnerInfo) -> dict[str, float]:
+    """Per-task floats logged by the learners: the proximal gradient norm at phi (``inner_residual``), it
+    relative to ||grad L_s(theta)|| (``inner_residual_rel``), whether G rose (``inner_rose``, 0/1) and the
+    steps taken (``inner_accepted``)."""
+    res, res0 = float(info.residual), float(info.residual0)
+    return {
+        "inner_residual": res,
+        "inner_residual_rel": res / res0 if res0 > 0 else 0.0,
+        "inner_rose": float(bool(info.rose)),
+        "inner_accepted": float(info.accepted),
+    }
 
 
 def imaml_task_meta_gradient(
@@ -180,7 +194,7 @@ def imaml_task_meta_gradient(
     lam: float,
     inner_steps: int,
     inner_lr: float,
-    inner_optimizer: str = "gd",
+    inner_optimizer: str = "gd_armijo",
     cg_steps: int = 5,
     cg_damping: float = 0.0,
     hf_cg_steps: int = 5,
@@ -193,7 +207,7 @@ def imaml_task_meta_gradient(
     the support-loss Hessian at phi, used only through Hessian-vector products inside CG.
     """
     sx, sy, qx, qy = task
-    phi = adapt(
+    phi, inner_info = adapt(
         model,
         theta,
         sx,
@@ -206,6 +220,7 @@ def imaml_task_meta_gradient(
         hf_cg_steps=hf_cg_steps,
         optimizer_kwargs=inner_optimizer_kwargs,
         cast=cast,
+        return_info=True,
     )
     qgrad, qloss, qout = _query_grad(lambda out: loss_fn(out, qy), phi, model, qx, cast)
     support_loss = make_task_loss(model, sx, sy, loss_fn, cast)
@@ -218,6 +233,7 @@ def imaml_task_meta_gradient(
         "cg_steps": float(info.steps),
         "cg_residual": float(info.residual_norm),
         "cg_negative_curvature": float(info.negative_curvature),
+        **inner_diagnostics(inner_info),
     }
     return TaskResult({k: v.detach() for k, v in grad.items()}, qloss, qout, sloss, diag)
 
@@ -278,7 +294,7 @@ def fomaml_task_meta_gradient(
     With ``inner_optimizer="gd"`` phi is exactly MAML's phi_T.
     """
     sx, sy, qx, qy = task
-    phi = adapt(
+    phi, inner_info = adapt(
         model,
         theta,
         sx,
@@ -291,8 +307,9 @@ def fomaml_task_meta_gradient(
         hf_cg_steps=hf_cg_steps,
         optimizer_kwargs=inner_optimizer_kwargs,
         cast=cast,
+        return_info=True,
     )
     grad, qloss, qout = _query_grad(lambda out: loss_fn(out, qy), phi, model, qx, cast)
     with torch.no_grad():
         sloss = make_task_loss(model, sx, sy, loss_fn, cast)(phi).detach()
-    return TaskResult(grad, qloss, qout, sloss, {})
+    return TaskResult(grad, qloss, qout, sloss, inner_diagnostics(inner_info))

@@ -32,6 +32,7 @@ from lightning_imaml.models import OmniglotConv4
 ADAPT = proximal_adapt
 
 SOLVERS = {
+    "gd_armijo": {},
     "gd": {},
     "sgd": {"momentum": 0.9},
     "adam": {"betas": (0.9, 0.99)},
@@ -211,7 +212,7 @@ def test_mlp_batched_meta_gradient_equals_looped(optimizer, dtype):
     model = make_model("mlp", dtype)
     theta = params_of(model)
     batch = mlp_batch(4, dtype)
-    lam, lr = 5.0, 0.02 if optimizer != "gd" else 0.05
+    lam, lr = 5.0, {"gd": 0.05, "gd_armijo": 0.3}.get(optimizer, 0.02)
     kw = SOLVERS[optimizer]
     res = batched_implicit_meta_gradient(
         model,
@@ -280,7 +281,7 @@ def test_indefinite_float32_gap_is_reported():
     model = make_model("conv4", torch.float32)
     theta = params_of(model)
     batch = conv4_batch(3, torch.float32, seed=1)
-    kw = dict(lam=0.05, inner_steps=1, inner_lr=0.1, cg_steps=5)
+    kw = dict(lam=0.05, inner_steps=1, inner_lr=0.1, cg_steps=5, inner_optimizer="gd")
     res = batched_implicit_meta_gradient(model, theta, *batch, **kw)
     ref, infos = looped_meta_gradient(model, theta, batch, F.cross_entropy, 0.05, 1, 0.1, "gd", 5)
     err = rel_err(res.grad, ref)

@@ -36,9 +36,18 @@ def test_omniglot_conv4_matches_paper_network():
     assert sum(p.numel() for p in net.parameters()) == 113221
 
 
+def test_zero_head_is_the_default_and_paper_head_is_available():
+    torch.manual_seed(0)
+    for cls in (OmniglotConv4, MiniImageNetConv4):
+        assert torch.count_nonzero(cls(n_way=5).fc.weight) == 0 and torch.count_nonzero(cls(n_way=5).fc.bias) == 0
+        assert torch.count_nonzero(cls(n_way=5, head_init="paper").fc.weight) > 0
+    with pytest.raises(ValueError, match=r"head_init must be one of \('zero', 'paper'\), got 'xavier'"):
+        OmniglotConv4(head_init="xavier")
+
+
 def test_paper_initialisation_ranges():
     torch.manual_seed(0)
-    net = OmniglotConv4(n_way=20)
+    net = OmniglotConv4(n_way=20, head_init="paper")
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             fan_in = m.weight[0].numel()
