@@ -39,7 +39,8 @@ def test_omniglot_conv4_matches_paper_network():
 def test_zero_head_is_the_default_and_paper_head_is_available():
     torch.manual_seed(0)
     for cls in (OmniglotConv4, MiniImageNetConv4):
-        assert torch.count_nonzero(cls(n_way=5).fc.weight) == 0 and torch.count_nonzero(cls(n_way=5).fc.bias) == 0
+        head = cls(n_way=5).fc
+        assert torch.count_nonzero(head.weight) == 0 and torch.count_nonzero(head.bias) == 0
         assert torch.count_nonzero(cls(n_way=5, head_init="paper").fc.weight) > 0
     with pytest.raises(ValueError, match=r"head_init must be one of \('zero', 'paper'\), got 'xavier'"):
         OmniglotConv4(head_init="xavier")
