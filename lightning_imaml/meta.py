@@ -156,6 +156,9 @@ class MetaLearner(pl.LightningModule):
         task_type: "classification" (cross-entropy, accuracy) or "regression" (MSE).
         inner_optimizer_kwargs: extra keyword arguments of the inner solver (e.g. ``{"momentum": 0.9}``).
         hf_cg_steps: CG steps per Newton iteration of the "hf" inner solver.
+        eval_inner_optimizer_kwargs: extra keyword arguments of the evaluation solver. None: the training
+            ones when evaluation uses the training solver, none otherwise (SGD's momentum means nothing
+            to "gd").
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class MetaLearner(pl.LightningModule):
         task_type: str = "classification",
         inner_optimizer_kwargs: dict[str, Any] | None = None,
         hf_cg_steps: int = 5,
+        eval_inner_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         _check(isinstance(model, nn.Module), f"model must be an nn.Module, got {type(model).__name__}")
@@ -213,6 +217,10 @@ class MetaLearner(pl.LightningModule):
         self.eval_inner_lr = self.inner_lr if eval_inner_lr is None else float(eval_inner_lr)
         self.eval_lam = self.lam if eval_lam is None else float(eval_lam)
         self.eval_inner_optimizer = inner_optimizer if eval_inner_optimizer is None else eval_inner_optimizer
+        if eval_inner_optimizer_kwargs is None:
+            same = self.eval_inner_optimizer == inner_optimizer
+            eval_inner_optimizer_kwargs = self.inner_optimizer_kwargs if same else {}
+        self.eval_inner_optimizer_kwargs = dict(eval_inner_optimizer_kwargs)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.task_type = task_type
@@ -243,7 +251,9 @@ class MetaLearner(pl.LightningModule):
         self.save_hyperparameters(ignore=ignore)
         # keep only the concrete class's own arguments (MAML has no inner_optimizer, ...)
         own = set(inspect.signature(type(self).__init__).parameters)
-        for key in [k for k in self.hparams if k not in own and k != "_class_path"]:
+        # LightningCLI's _class_path / _instantiator are what load_from_checkpoint(path) needs to rebuild a
+        # model given as a class_path dict: keep them
+        for key in [k for k in self.hparams if k not in own and k not in ("_class_path", "_instantiator")]:
             self.hparams.pop(key)
             getattr(self, "_hparams_initial", {}).pop(key, None)
         # store the optimiser / scheduler factories as {"class_path", "init_args"} configs (the CLI's own
@@ -450,7 +460,7 @@ class MetaLearner(pl.LightningModule):
             lr=self.eval_inner_lr,
             optimizer=self.eval_inner_optimizer,
             hf_cg_steps=self.hf_cg_steps,
-            optimizer_kwargs=self.inner_optimizer_kwargs,
+            optimizer_kwargs=self.eval_inner_optimizer_kwargs,
             cast=cast,
         )
 
@@ -562,6 +572,7 @@ class IMAML(MetaLearner):
         task_type: str = "classification",
         inner_optimizer_kwargs: dict[str, Any] | None = None,
         hf_cg_steps: int = 5,
+        eval_inner_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         _check(lam > 0, f"IMAML needs lam > 0 (the proximal strength), got lam={lam!r}")
         _check_int("cg_steps", cg_steps, 1)
@@ -581,6 +592,7 @@ class IMAML(MetaLearner):
             task_type=task_type,
             inner_optimizer_kwargs=inner_optimizer_kwargs,
             hf_cg_steps=hf_cg_steps,
+            eval_inner_optimizer_kwargs=eval_inner_optimizer_kwargs,
         )
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
@@ -676,6 +688,7 @@ class MAML(MetaLearner):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         task_type: str = "classification",
+        eval_inner_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -683,6 +696,7 @@ class MAML(MetaLearner):
             inner_lr=inner_lr,
             lam=lam,
             inner_optimizer="gd",
+            eval_inner_optimizer_kwargs=eval_inner_optimizer_kwargs,
             eval_inner_steps=eval_inner_steps,
             eval_inner_lr=eval_inner_lr,
             eval_lam=eval_lam,
@@ -729,6 +743,7 @@ class FOMAML(MetaLearner):
         task_type: str = "classification",
         inner_optimizer_kwargs: dict[str, Any] | None = None,
         hf_cg_steps: int = 5,
+        eval_inner_optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -745,6 +760,7 @@ class FOMAML(MetaLearner):
             task_type=task_type,
             inner_optimizer_kwargs=inner_optimizer_kwargs,
             hf_cg_steps=hf_cg_steps,
+            eval_inner_optimizer_kwargs=eval_inner_optimizer_kwargs,
         )
 
     def task_meta_gradient(self, theta, task, cast=None) -> TaskResult:

@@ -254,8 +254,10 @@ def maml_task_meta_gradient(
 
     phi_0 = theta, phi_{t+1} = phi_t - alpha (grad L_s(phi_t) + lam (phi_t - theta)), t < T = inner_steps;
     returns d L_q(phi_T) / d theta. Second order (``first_order=False``) keeps every step's graph
-    (``create_graph=True``): memory and time grow linearly with T. With ``first_order=True`` the inner
-    gradients are detached (d phi_T / d theta taken as I + the proximal part), i.e. first-order MAML.
+    (``create_graph=True``): memory and time grow linearly with T. With ``first_order=True`` every inner
+    gradient, proximal term included, is detached, so d phi_T / d theta = I and the result is
+    grad L_q(phi_T), first-order MAML. Keeping only the proximal term differentiable would give the same:
+    d phi_{t+1}/d theta = (1 - alpha lam) d phi_t/d theta + alpha lam I stays I from d phi_0/d theta = I.
     """
     sx, sy, qx, qy = task
     theta_leaf = _leaf_copy(theta)

@@ -343,3 +343,67 @@ def test_meta_test_table_format():
     assert "99.16% +- 0.35%" in table
     reg = train.format_meta_test_table({"test/mse": 0.5, "test/mse_ci95": 0.01})
     assert "0.5000 +- 0.0100" in reg and "accuracy" not in reg
+
+
+LOAD_SCRIPT = """
+import json, sys
+import torch
+from lightning_imaml import {cls}
+
+learner = {cls}.load_from_checkpoint(sys.argv[1], weights_only=True)  # no model=: rebuilt from the config
+x = torch.linspace(-5, 5, 7)[:, None]
+with torch.no_grad():
+    print("PRED", json.dumps(learner(x).reshape(-1).tolist()))
+print("CLASS", type(learner).__name__, type(learner.model).__name__)
+"""
+
+
+@pytest.mark.parametrize("cls", ["IMAML", "MAML", "FOMAML"])
+def test_checkpoint_from_train_py_reloads_by_load_from_checkpoint_alone(tmp_path, cls):
+    """issue 16, bug 1: a checkpoint written by `train.py fit` reloads with `Cls.load_from_checkpoint(path)`
+    in a fresh process, under weights_only=True, and predicts what its saved weights predict."""
+    import json
+
+    import torch
+
+    model_args = [] if cls == "IMAML" else ["--model", cls, "--model.model", "SinusoidMLP"]
+    model_args += [
+        "--model.task_type",
+        "regression",
+        "--model.inner_steps",
+        "1",
+        "--model.eval_inner_steps",
+        "1",
+    ]
+    fit = subprocess.run(
+        [sys.executable, str(TRAIN), "fit", *model_args, "--trainer.max_steps", "2",
+         "--trainer.val_check_interval", "1", "--data.val_tasks", "2", "--data.test_tasks", "2",
+         "--test_after_fit", "false", "--trainer.enable_progress_bar", "false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = next((tmp_path / "lightning_logs").rglob("last.ckpt"))
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SCRIPT.format(cls=cls))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    load = subprocess.run(
+        [sys.executable, str(script), str(ckpt)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert load.returncode == 0, load.stderr[-3000:]
+    lines = dict(ln.split(" ", 1) for ln in load.stdout.splitlines() if ln.startswith(("PRED", "CLASS")))
+    assert lines["CLASS"] == f"{cls} SinusoidMLP"
+    # independent reconstruction: the saved weights in a fresh network
+    from lightning_imaml import SinusoidMLP
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    net = SinusoidMLP()
+    net.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    with torch.no_grad():
+        expected = net(torch.linspace(-5, 5, 7)[:, None]).reshape(-1)
+    # same weights; the two processes' matmuls may round differently (thread count), hence 1e-6
+    torch.testing.assert_close(torch.tensor(json.loads(lines["PRED"])), expected, rtol=1e-6, atol=1e-7)

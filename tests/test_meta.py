@@ -452,3 +452,131 @@ def test_lightning_cli_instantiates_with_injected_optimizer(tmp_path):
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3
     # under the CLI the network's config is kept in the hyperparameters (checkpoints rebuild it)
     assert cli.model.hparams["model"]["class_path"] == "lightning_imaml.SinusoidMLP"
+
+
+EVAL_KW = {
+    "gd_armijo": {"grow": 1.5},
+    "gd": {},
+    "sgd": {"momentum": 0.9},
+    "adam": {"betas": (0.8, 0.9)},
+    "lbfgs": {"history_size": 3},
+    "hf": {"c1": 1e-3},
+}
+
+
+def _expected_val_loss(learner, batch, optimizer, kwargs):
+    """Mean query MSE after adapting with proximal_adapt directly (the reference for val/loss)."""
+    from lightning_imaml.inner import proximal_adapt
+
+    sx, sy, qx, qy = batch
+    theta = {k: v.detach() for k, v in learner.model.named_parameters()}
+    losses = []
+    for i in range(sx.shape[0]):
+
+        def support(p, i=i):
+            return torch.nn.functional.mse_loss(torch.func.functional_call(learner.model, p, (sx[i],)), sy[i])
+
+        phi = proximal_adapt(
+            support, theta, learner.eval_lam, learner.eval_inner_steps, optimizer=optimizer,
+            lr=learner.eval_inner_lr, **kwargs,
+        )  # fmt: skip
+        out = torch.func.functional_call(learner.model, phi, (qx[i],))
+        losses.append(torch.nn.functional.mse_loss(out, qy[i]).item())
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("train_opt", list(EVAL_KW))
+def test_validation_with_every_other_eval_optimizer(train_opt):
+    """issue 16, bug 2: the evaluation solver gets its own options, not the training solver's (SGD momentum
+    used to reach "gd" and kill the first validation)."""
+    batch = ridge_batch(n_tasks=2, d=3)
+    for eval_opt in [o for o in EVAL_KW if o != train_opt]:
+        learner = IMAML(
+            ridge_model(d=3), lam=1.0, inner_steps=3, inner_lr=0.05, inner_optimizer=train_opt,
+            inner_optimizer_kwargs=EVAL_KW[train_opt], eval_inner_optimizer=eval_opt, eval_lam=0.0,
+            task_type="regression",
+        )  # fmt: skip
+        assert learner.eval_inner_optimizer_kwargs == {}
+        tr = trainer()
+        tr.validate(learner, dataloaders=loader([batch]), verbose=False)
+        expected = _expected_val_loss(learner, batch, eval_opt, {})
+        assert tr.callback_metrics["val/loss"].item() == pytest.approx(expected, rel=1e-6), (
+            train_opt,
+            eval_opt,
+        )
+
+
+def test_eval_optimizer_options_explicit_and_inherited():
+    batch = ridge_batch(n_tasks=2, d=3)
+    cases = [  # (train, train kwargs, eval, eval kwargs given, eval kwargs used)
+        ("sgd", {"momentum": 0.9}, "adam", {"betas": (0.5, 0.6)}, {"betas": (0.5, 0.6)}),
+        ("sgd", {"momentum": 0.9}, None, None, {"momentum": 0.9}),  # same solver: inherits
+        ("sgd", {"momentum": 0.9}, "sgd", {"momentum": 0.1}, {"momentum": 0.1}),
+    ]
+    for train_opt, train_kw, eval_opt, eval_kw, used in cases:
+        learner = IMAML(
+            ridge_model(d=3), lam=1.0, inner_steps=3, inner_lr=0.05, inner_optimizer=train_opt,
+            inner_optimizer_kwargs=train_kw, eval_inner_optimizer=eval_opt,
+            eval_inner_optimizer_kwargs=eval_kw, eval_lam=0.0, task_type="regression",
+        )  # fmt: skip
+        assert learner.eval_inner_optimizer_kwargs == used
+        tr = trainer()
+        tr.validate(learner, dataloaders=loader([batch]), verbose=False)
+        expected = _expected_val_loss(learner, batch, eval_opt or train_opt, used)
+        assert tr.callback_metrics["val/loss"].item() == pytest.approx(expected, rel=1e-6)
+    # MAML and FOMAML take the option too
+    for cls in (MAML, FOMAML):
+        learner = cls(
+            ridge_model(d=3), eval_inner_optimizer="sgd", eval_inner_optimizer_kwargs={"momentum": 0.5}
+        )
+        assert learner.eval_inner_optimizer_kwargs == {"momentum": 0.5}
+
+
+def test_first_order_maml_with_lam_is_the_query_gradient_at_phi_T():
+    """issue 16, bug 3: with first_order=True and lam > 0, d phi_T / d theta = I (the docstring said
+    "I + the proximal part"; keeping the proximal part differentiable gives I as well). Checked against
+    central finite differences of L_q at phi_T, and against the chain with the proximal term kept live."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    g = torch.Generator().manual_seed(1)
+    sx, qx = (
+        torch.randn(6, 2, generator=g, dtype=torch.float64),
+        torch.randn(6, 2, generator=g, dtype=torch.float64),
+    )
+    sy, qy = torch.sin(sx.sum(1, keepdim=True)), torch.sin(qx.sum(1, keepdim=True))
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    lam, a, steps = 0.7, 0.2, 3
+    loss = nn.functional.mse_loss
+    res = maml_task_meta_gradient(
+        model, theta, (sx, sy, qx, qy), loss_fn=loss, lam=lam, inner_steps=steps, inner_lr=a, first_order=True
+    )
+
+    def f(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    phi = dict(theta)
+    for _ in range(steps):  # plain unrolled loop, no graph
+        gs = torch.func.grad(lambda p: loss(f(p, sx), sy))(phi)
+        phi = {k: phi[k] - a * (gs[k] + lam * (phi[k] - theta[k])) for k in phi}
+    h, worst = 1e-6, 0.0
+    for k in phi:
+        for idx in range(phi[k].numel()):
+            e = torch.zeros_like(phi[k]).reshape(-1)
+            e[idx] = h
+            e = e.reshape(phi[k].shape)
+            up = loss(f({**phi, k: phi[k] + e}, qx), qy)
+            down = loss(f({**phi, k: phi[k] - e}, qx), qy)
+            fd = ((up - down) / (2 * h)).item()
+            worst = max(worst, abs(fd - res.grad[k].reshape(-1)[idx].item()))
+    scale = max(v.abs().max().item() for v in res.grad.values())
+    assert worst < 1e-8 * max(1.0, scale), worst
+
+    # proximal term kept differentiable, support gradient detached: the same gradient
+    th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    p = dict(th)
+    for _ in range(steps):
+        gs = torch.func.grad(lambda q: loss(f(q, sx), sy))({k: v.detach() for k, v in p.items()})
+        p = {k: p[k] - a * (gs[k] + lam * (p[k] - th[k])) for k in p}
+    live = torch.autograd.grad(loss(f(p, qx), qy), list(th.values()))
+    for k, gl in zip(th, live, strict=True):
+        assert torch.allclose(gl, res.grad[k], rtol=1e-12, atol=1e-14), k
