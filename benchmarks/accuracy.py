@@ -396,7 +396,7 @@ def run_method(method: str, a, out_path: Path) -> dict:
         "collapse_check": collapse_check(curves.val, curves.train),
         "skipped_steps": int(getattr(module, "skipped_steps", 0)),
         "machine": common.machine_info(device),
-        "git": common.git_state(),
+        "git": a.git,  # the code this run started from
     }
     common.write_json(out_path, res)
     log.info(
@@ -458,7 +458,8 @@ def main(argv=None):
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*IterableDataset.*")
     methods = a.methods.split(",")
-    log.info("accuracy benchmark: %s", " ".join(sys.argv))
+    a.git = common.git_state()  # at start: later commits do not change the code this process runs
+    log.info("accuracy benchmark: %s (git %s)", " ".join(sys.argv), a.git)
     calibration = None
     done = [out.with_name(f"{out.stem}_{m}.json") for m in methods]
     done = [json.loads(p.read_text()) for p in done if p.exists()]

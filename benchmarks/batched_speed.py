@@ -1,210 +1,191 @@
-"""Batched (vmap) vs looped iMAML meta-gradient: time per meta-gradient and peak memory (issue 7).
+"""Batched (vmap) vs per-task loop: time per meta-step and peak memory, for every inner solver (issue 14).
 
-Omniglot Conv4, 5-way 1-shot, 15 query/class, meta-batch 32, 16 inner GD steps (lr 0.1), 5 CG steps, lam 2,
-float32, random images (the work per step does not depend on the pixels; CG steps are reported).
-Contenders are timed interleaved in ONE process (round robin, median of ``--reps``) so that load from other
-users cancels. Peak memory: each contender in a fresh subprocess, peak RSS (VmHWM, reset after setup) during
-the first meta-gradient minus the RSS before it.
+The same ``IMAML`` module runs one meta-gradient of an Omniglot-shaped meta-batch (Conv4, 5-way 1-shot,
+meta-batch 32, lam 2, 5 CG steps; random images: the work does not depend on the pixels) either task by
+task (``batched_tasks=False``) or with its per-task meta-gradient under ``torch.func.vmap``
+(``batched_tasks=True``, ``batched_chunk_size`` tasks per vmap call). Two settings: the speed benchmark's
+(15 query images per class) and the accuracy benchmark's (1 query image per class). Every contender of a
+setting is timed interleaved in one process (round robin, ``--reps`` rounds, median), so load from other
+processes hits all alike; the ratio batched / looped is the figure to quote. Peak memory: the torch CPU
+allocator's peak during one meta-gradient (``torch.profiler`` memory events), also per task. ``--profile``
+adds the top operators by self CPU time for the looped and the batched gd_armijo step.
 
-    .venv/bin/python benchmarks/batched_speed.py --reps 5 [--contenders looped,batched,batched_jvp,...]
+    python benchmarks/batched_speed.py --reps 3            # -> benchmarks/results/batched_speed.json + .png
+    python benchmarks/batched_speed.py --quick --out /tmp/b.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
+import os
 import sys
 import time
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.func import functional_call
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
 
-from lightning_imaml.batched import batched_implicit_meta_gradient  # noqa: E402
-from lightning_imaml.implicit import implicit_meta_gradient  # noqa: E402
-from lightning_imaml.models import OmniglotConv4  # noqa: E402
-
-CFG = dict(n_way=5, k_shot=1, k_query=15, meta_batch=32, inner_steps=16, inner_lr=0.1, cg_steps=5, lam=2.0)
-
-
-def make_batch(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T, n, k, q = cfg["meta_batch"], cfg["n_way"], cfg["k_shot"], cfg["k_query"]
-    sx = torch.rand(T, n * k, 1, 28, 28, generator=g)
-    qx = torch.rand(T, n * q, 1, 28, 28, generator=g)
-    return (
-        sx,
-        torch.arange(n).repeat_interleave(k).repeat(T, 1),
-        qx,
-        torch.arange(n).repeat_interleave(q).repeat(T, 1),
-    )
-
-
-def looped(model, theta, batch, cfg):
-    """The per-task path meta.py uses without batching: metagrad.imaml_task_meta_gradient when inner.py
-    exists, otherwise the same computation written out (GD inner loop + implicit_meta_gradient)."""
-    sx, sy, qx, qy = batch
-    try:
-        from lightning_imaml.metagrad import imaml_task_meta_gradient
-    except ImportError:
-        imaml_task_meta_gradient = None
-    grads, steps = [], []
-    for t in range(sx.shape[0]):
-        if imaml_task_meta_gradient is not None:
-            r = imaml_task_meta_gradient(
-                model,
-                theta,
-                (sx[t], sy[t], qx[t], qy[t]),
-                loss_fn=F.cross_entropy,
-                lam=cfg["lam"],
-                inner_steps=cfg["inner_steps"],
-                inner_lr=cfg["inner_lr"],
-                cg_steps=cfg["cg_steps"],
-            )
-            grads.append(r.grad)
-            steps.append(r.info["cg_steps"])
-            continue
-
-        def support_loss(p, t=t):
-            return F.cross_entropy(functional_call(model, p, (sx[t],)), sy[t])
-
-        phi = {k: v.detach().clone() for k, v in theta.items()}
-        for _ in range(cfg["inner_steps"]):
-            p = {k: v.requires_grad_(True) for k, v in phi.items()}
-            g = dict(zip(p, torch.autograd.grad(support_loss(p), list(p.values())), strict=False))
-            phi = {k: (p[k] - cfg["inner_lr"] * (g[k] + cfg["lam"] * (p[k] - theta[k]))).detach() for k in p}
-        p = {k: v.requires_grad_(True) for k, v in phi.items()}
-        gq = dict(
-            zip(
-                p,
-                torch.autograd.grad(
-                    F.cross_entropy(functional_call(model, p, (qx[t],)), qy[t]), list(p.values())
-                ),
-                strict=False,
-            )
-        )
-        x, info = implicit_meta_gradient(support_loss, phi, gq, cfg["lam"], cfg["cg_steps"], return_info=True)
-        grads.append(x)
-        steps.append(info.steps)
-    return {k: torch.stack([g[k] for g in grads]).mean(0) for k in theta}, steps
-
-
-def batched(model, theta, batch, cfg, hvp="jvp"):
-    r = batched_implicit_meta_gradient(
-        model,
-        theta,
-        *batch,
-        lam=cfg["lam"],
-        inner_steps=cfg["inner_steps"],
-        inner_lr=cfg["inner_lr"],
-        cg_steps=cfg["cg_steps"],
-        hvp=hvp,
-    )
-    return r.grad, r.cg_info.steps.tolist()
-
-
-CONTENDERS = {
-    "looped": looped,
-    "batched": batched,
-    "batched_double_backward": lambda m, th, b, c: batched(m, th, b, c, hvp="double_backward"),
+SOLVERS = {  # inner steps and largest / fixed step per solver
+    "gd_armijo": (16, 0.1),
+    "gd": (16, 0.1),
+    "sgd": (16, 0.1),
+    "adam": (16, 0.01),
+    "lbfgs": (8, 1.0),
+    "hf": (5, 1.0),
 }
 
 
-def setup(cfg):
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(common.default_out("batched_speed")))
+    p.add_argument("--solvers", default=",".join(SOLVERS))
+    p.add_argument("--k-query", default="15,1", help="query images per class, one setting each")
+    p.add_argument("--chunks", default="0,8", help="batched chunk sizes to time (0 = whole meta-batch)")
+    p.add_argument("--meta-batch-size", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--profile", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.meta_batch_size, a.reps, a.solvers, a.k_query, a.chunks = 2, 1, "gd_armijo,hf", "1", "0,1"
+    return a
+
+
+def _module(solver, batched, chunk, quick):
+    import torch
+
+    from lightning_imaml import IMAML
+    from lightning_imaml.models import OmniglotConv4
+
+    steps, lr = SOLVERS[solver]
     torch.manual_seed(0)
-    model = OmniglotConv4(cfg["n_way"])
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    return model, theta, make_batch(cfg)
+    return IMAML(
+        OmniglotConv4(5, hidden=8 if quick else 64),
+        lam=2.0,
+        cg_steps=2 if quick else 5,
+        inner_steps=2 if quick else steps,
+        inner_lr=lr,
+        inner_optimizer=solver,
+        batched_tasks=batched,
+        batched_chunk_size=chunk or None,
+    )
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+def measure(a, k_query, solvers, chunks):
+    import torch
 
-
-def reset_peak_rss() -> None:
-    # "5" resets the peak-RSS high-water mark VmHWM (Linux >= 4.0). ru_maxrss is unusable here: after
-    # fork + exec it still carries the parent's peak.
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def memory_child(name, cfg):
-    model, theta, batch = setup(cfg)
-    reset_peak_rss()  # no warm-up call: freed heap pages it left would hide this call's peak
-    base = _status_kib("VmRSS")
-    CONTENDERS[name](model, theta, batch, cfg)
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"name": name, "peak_minus_base_mib": (peak - base) / 1024, "base_mib": base / 1024}))
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--contenders", default="looped,batched,batched_double_backward")
-    ap.add_argument("--meta-batch", type=int, default=CFG["meta_batch"])
-    ap.add_argument("--memory-child", default=None)
-    ap.add_argument("--no-memory", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = dict(CFG, meta_batch=args.meta_batch)
-    if args.memory_child:
-        memory_child(args.memory_child, cfg)
-        return
-    names = args.contenders.split(",")
-    model, theta, batch = setup(cfg)
-    times = {n: [] for n in names}
-    results = {}
-    for n in names:  # warm-up (also gives the results to compare)
-        results[n] = CONTENDERS[n](model, theta, batch, cfg)
-    ref = results[names[0]][0]
-    for n in names:
-        g = results[n][0]
-        err = sum(float((g[k] - ref[k]).double().pow(2).sum()) for k in g) ** 0.5
-        err /= sum(float(ref[k].double().pow(2).sum()) for k in ref) ** 0.5
-        print(f"{n:18s} rel diff to {names[0]}: {err:.2e}  cg steps: {results[n][1]}")
-    for _ in range(args.reps):
-        for n in names:
+    batch = common.random_episodes(a.meta_batch_size, 5, 1, k_query, 0, torch.device("cpu"))
+    contenders = {}
+    for s in solvers:
+        contenders[f"{s}/loop"] = _module(s, False, None, a.quick)
+        for c in chunks:
+            contenders[f"{s}/vmap{c or ''}"] = _module(s, True, c, a.quick)
+    for m in contenders.values():  # warm-up (and the batching probe) on two tasks
+        m.meta_gradient(tuple(t[:2] for t in batch))
+    times = {k: [] for k in contenders}
+    names = list(contenders)
+    for r in range(a.reps):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            CONTENDERS[n](model, theta, batch, cfg)
-            times[n].append(time.perf_counter() - t0)
-    base = statistics.median(times[names[0]])
-    out = {"config": cfg, "threads": args.threads, "reps": args.reps, "median_s": {}, "ratio_to_first": {}}
-    for n in names:
-        med = statistics.median(times[n])
-        out["median_s"][n] = med
-        out["ratio_to_first"][n] = med / base
-        print(f"{n:18s} median {med:7.3f} s  ratio {med / base:.3f}  all {[round(t, 3) for t in times[n]]}")
-    if not args.no_memory:
-        out["peak_mib"] = {}
-        for n in names:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--memory-child",
-                n,
-                "--threads",
-                str(args.threads),
-                "--meta-batch",
-                str(args.meta_batch),
-            ]
-            res = json.loads(
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            out["peak_mib"][n] = res["peak_minus_base_mib"]
-            print(f"{n:18s} peak memory above baseline {res['peak_minus_base_mib']:.1f} MiB")
-    print(json.dumps(out))
+            contenders[k].meta_gradient(batch)
+            times[k].append(time.perf_counter() - t0)
+    rows = {}
+    for k, m in contenders.items():
+        peak, _ = common.peak_memory_bytes(lambda m=m: m.meta_gradient(batch), torch.device("cpu"))
+        rows[k] = {
+            "median_s": common.median(times[k]),
+            "times_s": times[k],
+            "peak_mib": common.mib(peak),
+            "peak_mib_per_task": common.mib(peak) / a.meta_batch_size,
+            "batched": bool(getattr(m, "_batching_ok", False)),
+        }
+    for k, row in rows.items():
+        loop = rows[k.split("/")[0] + "/loop"]
+        row["time_over_loop"] = row["median_s"] / loop["median_s"]
+        row["memory_over_loop"] = row["peak_mib"] / loop["peak_mib"] if loop["peak_mib"] else None
+    return rows
+
+
+def profile(a, k_query):
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    batch = common.random_episodes(a.meta_batch_size, 5, 1, k_query, 0, torch.device("cpu"))
+    out = {}
+    for name, batched in (("loop", False), ("vmap", True)):
+        m = _module("gd_armijo", batched, None, a.quick)
+        m.meta_gradient(tuple(t[:2] for t in batch))
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            m.meta_gradient(batch)
+        ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        out[name] = {
+            "total_self_cpu_s": total / 1e6,
+            "top_ops": [
+                {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in ev
+            ],
+        }
+    return out
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    solvers = a.solvers.split(",")
+    chunks = [int(c) for c in a.chunks.split(",")]
+    result = {
+        "benchmark": "batched_speed",
+        "created": common.now(),
+        "machine": common.machine_info("cpu"),
+        "git": common.git_state(),
+        "config": {
+            "meta_batch_size": a.meta_batch_size,
+            "reps": a.reps,
+            "solvers": {s: SOLVERS[s] for s in solvers},
+            "chunks": chunks,
+            "quick": a.quick,
+            "threads": torch.get_num_threads(),
+        },
+        "settings": {},
+    }
+    for kq in (int(k) for k in a.k_query.split(",")):
+        rows = measure(a, kq, solvers, chunks)
+        result["settings"][f"k_query={kq}"] = rows
+        for k, r in rows.items():
+            print(f"k_query {kq:2d} {k:18s} {r['median_s']:7.2f} s  x{r['time_over_loop']:.2f} "
+                  f"peak {r['peak_mib']:8.1f} MiB ({r['peak_mib_per_task']:.1f}/task)")  # fmt: skip
+        common.write_json(a.out, result)  # keep what is done
+    if a.profile:
+        result["profile_k_query_1"] = profile(a, 1)
+    common.write_json(a.out, result)
+    plot(result, common.png_path(a.out))
+    return result
+
+
+def plot(result, path):
+    plt = common.pyplot()
+    settings = result["settings"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), dpi=120, squeeze=False)
+    for ax, (name, rows) in zip(axes[0], settings.items(), strict=True):
+        keys = list(rows)
+        ax.barh(range(len(keys)), [rows[k]["time_over_loop"] for k in keys], color="tab:blue")
+        ax.set_yticks(range(len(keys)), keys, fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(0.6, color="tab:red", lw=0.8, ls="--")
+        ax.set_xlabel("time per meta-step / per-task loop (same solver)")
+        ax.set_title(name, fontsize=9)
+    dev = result["machine"]["gpu_name"] or f"CPU, {result['config']['threads']} thread(s)"
+    fig.suptitle(
+        f"batched (vmap) vs loop, meta-batch {result['config']['meta_batch_size']} ({dev})", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

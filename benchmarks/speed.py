@@ -6,7 +6,7 @@ Setting (defaults): Omniglot 5-way 1-shot, k_query 15, meta-batch 32, the paper'
 Contenders (each computes the meta-gradient of one meta-batch into gradients for theta; the outer optimiser
 step, identical for all and ~1 ms, is not timed):
   imaml               this project's IMAML, per-task loop
-  imaml_batched       this project's IMAML, batched over tasks with torch.func.vmap (issue 7)
+  imaml_batched       this project's IMAML, its per-task meta-gradient vmapped over the tasks (issues 7, 14)
   torchopt_cg         TorchOpt ImplicitMetaGradientModule, linear_solve=solve_cg(maxiter=5): the same
                       5-step CG approximation of the same linear system as ours (checked first: "agreement")
   torchopt_normal_cg  TorchOpt with solve_normal_cg(maxiter=5), as TorchOpt's own iMAML example: CG on the
@@ -163,47 +163,8 @@ def make_module_contender(kind, model, batch, a, **extra):
 
 
 def make_batched_contender(model, batch, a):
-    """IMAML(batched_tasks=True).meta_gradient; if the module's batched path is not wired
-    (NotImplementedError on a
-    cheap 2-task, 1-step probe), the pure-torch engine
-    ``lightning_imaml.batched.batched_implicit_meta_gradient``."""
-    try:
-        run, module, name = make_module_contender("IMAML", model, batch, a, batched_tasks=True)
-        probe = tuple(t[:2] for t in batch)
-        steps = module.inner_steps
-        module.inner_steps = 1
-        try:
-            module.meta_gradient(type(batch)(*probe) if hasattr(batch, "_fields") else probe)
-        finally:
-            module.inner_steps = steps
-        return run, module, name
-    except NotImplementedError:
-        pass
-    from lightning_imaml.batched import batched_implicit_meta_gradient
-
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    sx, sy, qx, qy = batch
-
-    def run_core():
-        return batched_implicit_meta_gradient(
-            model,
-            theta,
-            sx,
-            sy,
-            qx,
-            qy,
-            lam=a.lam,
-            inner_steps=a.inner_steps,
-            inner_lr=a.inner_lr,
-            inner_optimizer="gd",
-            cg_steps=a.cg_steps,
-        ).grad
-
-    class _Via:  # for the "via" note
-        pass
-
-    _Via.__name__ = "lightning_imaml.batched"
-    return run_core, _Via(), "batched_implicit_meta_gradient (IMAML(batched_tasks=True) not wired yet)"
+    """IMAML(batched_tasks=True).meta_gradient: the same per-task meta-gradient under torch.func.vmap."""
+    return make_module_contender("IMAML", model, batch, a, batched_tasks=True)
 
 
 # ------------------------------------------------------------------------------------------------- TorchOpt

@@ -3,6 +3,14 @@ linear solve ((1 + d) I + H / lam) x = g_query (Rajeswaran et al., 2019, eq. 7 /
 
 Pure torch (no Lightning): works on dicts of tensors as ``torch.func.functional_call`` takes them, in
 float32 or float64, on CPU or CUDA.
+
+One engine for both execution modes: every function here is a *per-task* function that
+``torch.func.vmap`` can batch over a meta-batch (fixed iteration counts, per-task decisions as
+``torch.where`` masks, no host sync). Derivatives are taken by whichever autodiff can run in the current
+context (:func:`under_functorch`): ``torch.autograd.grad`` when called plainly (the per-task loop: it
+measured faster, and can retain the support gradient's graph across CG steps), ``torch.func`` inside
+vmap. The per-task loop may additionally stop CG once it has converged (one host sync per step); under
+vmap every lane runs the fixed count and the finished ones are masked -- the same numbers either way.
 """
 
 from __future__ import annotations
@@ -14,25 +22,58 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .params import Tree, check_same_structure, tree_axpy, tree_dot, tree_map, tree_zeros_like
+from .params import Tree, check_same_structure, tree_axpy, tree_dot, tree_map, tree_where, tree_zeros_like
 
-__all__ = ["CGInfo", "conjugate_gradient", "hessian_vector_product", "implicit_meta_gradient"]
+
+def under_functorch() -> bool:
+    """True inside a torch.func transform (vmap, grad, jvp), where torch.autograd.grad cannot run."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - a torch without this private hook: always take torch.func
+        return True
+
+
+def value_and_grad(loss_fn: Callable, params: Mapping[str, Tensor], has_aux: bool = False):
+    """``(loss_fn(params), grad)`` -- or ``(loss, grad, aux)`` when ``loss_fn`` returns ``(loss, aux)`` and
+    ``has_aux`` -- all detached; gradients of parameters the loss ignores are zeros.
+
+    One ``torch.autograd.grad`` when called plainly; ``torch.func.grad_and_value`` inside a torch.func
+    transform (vmap). Same numbers; the split is for speed: on the Omniglot Conv4 (5-way 1-shot support
+    set, 2-core CPU, interleaved) a torch.func gradient measured 4.3-4.8 ms against 2.8-3.7 ms for
+    autograd.grad per call, i.e. +40 % on the per-task inner loop.
+    """
+    if under_functorch():
+        g, out = torch.func.grad_and_value(loss_fn, has_aux=has_aux)(dict(params))
+        g = {k: t.detach() for k, t in g.items()}
+        if has_aux:
+            return out[0].detach(), g, out[1].detach()
+        return out.detach(), g
+    with torch.enable_grad():
+        p = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+        out = loss_fn(p)
+        val = out[0] if has_aux else out
+        grads = torch.autograd.grad(val, list(p.values()), allow_unused=True)
+    g = {k: torch.zeros_like(t) if gk is None else gk for (k, t), gk in zip(p.items(), grads, strict=True)}
+    if has_aux:
+        return val.detach(), g, out[1].detach()
+    return val.detach(), g
 
 
 class CGInfo(NamedTuple):
-    """What :func:`conjugate_gradient` did.
+    """What :func:`conjugate_gradient` did, as 0-d tensors (``int()``, ``float()``, ``bool()`` read them;
+    under vmap each has the task dimension).
 
-    steps: CG updates of x taken (matvecs spent = steps, +1 if stopped on curvature, +1 if x0 given).
+    steps: CG updates of x taken (int64; matvecs spent = steps, +1 if stopped on curvature, +1 if x0 given).
     residual_norm: ||b - A x|| at the last CG iterate, as tracked by the recurrence (after the first-step
         negative-curvature fallback x = x0 + r0 it is ||r0||, the residual of x0).
     negative_curvature: stopped because some direction had p^T A p <= eps ||p||^2.
     converged: ||b - A x|| <= rtol * ||b|| at exit.
     """
 
-    steps: int
-    residual_norm: float
-    negative_curvature: bool
-    converged: bool
+    steps: Tensor
+    residual_norm: Tensor
+    negative_curvature: Tensor
+    converged: Tensor
 
 
 def _default_curvature_eps(b: Tree) -> float:
@@ -81,34 +122,35 @@ def conjugate_gradient(
         check_same_structure(b, x0, ("b", "x0"))
         x = x0
         r = tree_axpy(-1.0, matvec(x0), b)
-    b_norm = tree_dot(b, b).sqrt().item()
     rs = tree_dot(r, r)
-    r_norm = math.sqrt(rs.item())
-    tol = rtol * b_norm
-    if r_norm <= tol or r_norm == 0.0:
-        return x, CGInfo(0, r_norm, False, True)
-
+    r_norm = rs.sqrt()
+    tol = rtol * tree_dot(b, b).sqrt()
+    # per task: still iterating (a NaN b stays active, so the NaN reaches x and the caller's guards)
+    active = ~((r_norm <= tol) | (r_norm == 0))
+    negative = torch.zeros_like(active)
+    steps = torch.zeros_like(r_norm, dtype=torch.int64)
+    one = torch.ones_like(rs)
     p = r
-    steps, negative = 0, False
+    loop = not under_functorch()
     for k in range(max_steps):
+        if loop and not bool(active):  # the per-task loop may stop; vmap lanes run on, masked
+            break
         Ap = matvec(p)
         pAp = tree_dot(p, Ap)
-        pp = tree_dot(p, p)
-        curv, pp_f = pAp.item(), pp.item()
-        if not math.isfinite(curv) or curv <= eps * pp_f:
-            negative = True
-            if k == 0:
-                x = tree_axpy(1.0, r, x)  # x0 + r0: treat A as I (see docstring)
-            break
-        alpha = rs / pAp
-        x = tree_axpy(alpha, p, x)
-        r = tree_axpy(-alpha, Ap, r)
-        steps += 1
-        rs_new = tree_dot(r, r)
-        r_norm = math.sqrt(rs_new.item())
-        if r_norm <= tol:
-            break
-        p = tree_axpy(rs_new / rs, p, r)  # p <- r + beta p
+        bad = active & ~(torch.isfinite(pAp) & (pAp > eps * tree_dot(p, p)))
+        negative = negative | bad
+        if k == 0:  # truncated before any step: x0 + r0, i.e. A taken as I (see docstring)
+            x = tree_where(bad, tree_axpy(1.0, r, x), x)
+        active = active & ~bad
+        alpha = torch.where(active, rs / torch.where(active, pAp, one), torch.zeros_like(rs))
+        x = tree_where(active, tree_axpy(alpha, p, x), x)
+        r = tree_where(active, tree_axpy(-alpha, Ap, r), r)
+        steps = steps + active.to(steps.dtype)
+        rs_new = torch.where(active, tree_dot(r, r), rs)
+        r_norm = torch.where(active, rs_new.sqrt(), r_norm)
+        active = active & (r_norm > tol)
+        beta = torch.where(active, rs_new / rs, torch.zeros_like(rs))
+        p = tree_where(active, tree_axpy(beta, p, r), p)  # p <- r + beta p
         rs = rs_new
     return x, CGInfo(steps, r_norm, negative, r_norm <= tol)
 
@@ -185,6 +227,9 @@ def hessian_vector_product(
     raise ValueError(f"unknown method {method!r}; valid: 'double_backward', 'forward_over_reverse'")
 
 
+HVP_STRATEGIES = ("retain", "linearize", "double_backward", "forward_over_reverse")
+
+
 class _RetainedGradHVP:
     """H v with the forward and first backward pass done once: build g = grad L(p) with create_graph=True,
     then each matvec is one extra backward through that graph (retain_graph=True)."""
@@ -193,28 +238,51 @@ class _RetainedGradHVP:
         with torch.enable_grad():
             self.p = _as_leaves(params)
             loss = loss_fn(self.p)
+            self.loss = loss.detach()
             self.grads = torch.autograd.grad(
                 loss, list(self.p.values()), create_graph=True, allow_unused=True
             )
+
+    def gradient(self) -> dict[str, Tensor]:
+        """grad L(p), detached (zeros where the loss ignores a parameter)."""
+        return {
+            k: torch.zeros_like(t) if g is None else g.detach()
+            for (k, t), g in zip(self.p.items(), self.grads, strict=True)
+        }
 
     def __call__(self, v):
         with torch.enable_grad():
             return _grad_of_grads(self.p, self.grads, v, retain_graph=True)
 
 
+def grad_and_hvp(loss_fn: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor]):
+    """``(L(params), grad L(params), v -> H v)`` at ``params``, values detached.
+
+    Plainly: one forward and one backward with ``create_graph`` give all three, each H v then one more
+    backward through the retained graph. Inside vmap: ``torch.func`` value-and-gradient and
+    forward-over-reverse H v (recomputed per product).
+    """
+    if under_functorch():
+        val, g = value_and_grad(loss_fn, params)
+        return val, g, _make_hvp(loss_fn, params, "retain")
+    hvp = _RetainedGradHVP(loss_fn, params)
+    return hvp.loss, hvp.gradient(), hvp
+
+
 def _make_hvp(loss_fn, params, strategy):
+    """``v -> H v`` at ``params``. Inside a torch.func transform (vmap) every strategy is forward-over-reverse
+    (``torch.func.jvp`` of ``torch.func.grad``): autograd's double backward cannot run there."""
+    if strategy not in HVP_STRATEGIES:
+        raise ValueError(f"unknown hvp strategy {strategy!r}; valid: {', '.join(map(repr, HVP_STRATEGIES))}")
+    if under_functorch():
+        return lambda v: _hvp_forward_over_reverse(loss_fn, params, v)
     if strategy == "retain":
         return _RetainedGradHVP(loss_fn, params)
     if strategy == "linearize":
         p = {k: t.detach() for k, t in params.items()}
         _, jvp_fn = torch.func.linearize(torch.func.grad(loss_fn), p)
         return jvp_fn
-    if strategy in ("double_backward", "forward_over_reverse"):
-        return lambda v: hessian_vector_product(loss_fn, params, v, method=strategy)
-    raise ValueError(
-        f"unknown hvp strategy {strategy!r}; valid: 'retain', 'linearize', 'double_backward', "
-        "'forward_over_reverse'"
-    )
+    return lambda v: hessian_vector_product(loss_fn, params, v, method=strategy)
 
 
 # ------------------------------------------------------------------------------------ implicit gradient
@@ -230,6 +298,8 @@ def implicit_meta_gradient(
     return_info: bool = False,
     rtol: float = 1e-10,
     hvp: str = "retain",
+    theta: Mapping[str, Tensor] | None = None,
+    return_lam_grad: bool = False,
 ):
     """iMAML meta-gradient: x = ((1 + cg_damping) I + H / lam)^{-1} g, by ``cg_steps`` steps of truncated CG.
 
@@ -257,16 +327,38 @@ def implicit_meta_gradient(
     "linearize" (torch.func.linearize of torch.func.grad, traced once, each matvec a replayed jvp) did NOT
     help: Conv4 20.9 s (of which the 5 matvecs 14.7 s), MLP 2.0 s (5 matvecs 1.07 s) -- tracing costs
     seconds and the replayed jvp is slower than a backward; kept only as an option for experiments.
-    Returns x, or (x, CGInfo) when ``return_info``.
+
+    Per-parameter lam (a dict name -> positive tensor, 0-d per parameter tensor or of the parameter's
+    shape: the inner problem min L_s(phi) + 1/2 (phi - theta)^T Lam (phi - theta)): with y solving
+    (H + (1 + d) Lam) y = g, dF/dtheta = Lam y and dF/dLam_l = -<y_l, (phi - theta)_l> over the entries
+    that share Lam_l -- no extra Hessian-vector product. Solved as the symmetric, O(1)-scaled system
+    ((1 + d) I + S H S) z = S g, S = Lam^{-1/2}, y = S z. A number lam takes the code path above unchanged.
+    ``return_lam_grad`` (needs ``theta``, the point the proximal term pulls to) adds dF/dlam: a 0-d
+    tensor for a number, a dict like ``lam`` otherwise.
+
+    Returns x; (x, CGInfo) with ``return_info``; (x, lam_grad) with ``return_lam_grad``; both: (x,
+    lam_grad, CGInfo).
     """
-    if not (isinstance(lam, (int, float)) or (isinstance(lam, Tensor) and lam.numel() == 1)):
-        raise ValueError(f"lam must be a positive number, got {lam!r}")
-    lam = float(lam)
-    if not (lam > 0 and math.isfinite(lam)):
-        raise ValueError(
-            f"lam must be > 0 and finite for the implicit gradient (it divides H), got {lam}; "
-            "lam = 0 means no proximal term, where the implicit gradient does not exist"
-        )
+    per_param = isinstance(lam, Mapping)
+    if per_param:
+        if set(lam) != set(params):
+            raise ValueError(
+                f"a per-parameter lam needs the keys of params: missing {sorted(set(params) - set(lam))}, "
+                f"unknown {sorted(set(lam) - set(params))}"
+            )
+        if not all(bool(torch.isfinite(v).all() & (v > 0).all()) for v in lam.values()):
+            raise ValueError("every per-parameter lam must be > 0 and finite for the implicit gradient")
+    else:
+        if not (isinstance(lam, (int, float)) or (isinstance(lam, Tensor) and lam.numel() == 1)):
+            raise ValueError(f"lam must be a positive number or a dict name -> tensor, got {lam!r}")
+        lam = float(lam)
+        if not (lam > 0 and math.isfinite(lam)):
+            raise ValueError(
+                f"lam must be > 0 and finite for the implicit gradient (it divides H), got {lam}; "
+                "lam = 0 means no proximal term, where the implicit gradient does not exist"
+            )
+    if return_lam_grad and theta is None:
+        raise ValueError("return_lam_grad needs theta: d F / d lam = -<y, phi - theta>")
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
         raise ValueError(f"cg_steps must be an integer >= 1, got {cg_steps!r}")
     cg_damping = float(cg_damping)
@@ -280,12 +372,38 @@ def implicit_meta_gradient(
     check_same_structure(params, query_grad, ("params", "query_grad"))
 
     hv = _make_hvp(inner_loss, params, hvp)
-    inv_lam, diag = 1.0 / lam, 1.0 + cg_damping
-
-    def matvec(v):
-        return tree_map(lambda vi, hi: torch.add(vi * diag, hi, alpha=inv_lam), v, hv(v))
-
+    diag = 1.0 + cg_damping
     g = {k: t.detach() for k, t in query_grad.items()}
-    x, info = conjugate_gradient(matvec, g, cg_steps, rtol=rtol)
+    if not per_param:
+        inv_lam = 1.0 / lam
+
+        def matvec(v):
+            return tree_map(lambda vi, hi: torch.add(vi * diag, hi, alpha=inv_lam), v, hv(v))
+
+        x, info = conjugate_gradient(matvec, g, cg_steps, rtol=rtol)
+        y = tree_map(lambda t: t * inv_lam, x)  # (H + (1 + d) lam I)^{-1} g
+    else:
+        # symmetric scaling S = Lam^{-1/2}: ((1 + d) I + S H S) z = S g, y = S z, x = Lam y = z / S;
+        # with Lam = lam I this is the system above (z = x / sqrt(lam))
+        scale = {k: lam[k].rsqrt().to(g[k].dtype) for k in g}
+
+        def matvec(v):
+            hs = hv({k: scale[k] * v[k] for k in v})
+            return {k: diag * v[k] + scale[k] * hs[k] for k in v}
+
+        z, info = conjugate_gradient(matvec, {k: scale[k] * g[k] for k in g}, cg_steps, rtol=rtol)
+        x = {k: z[k] / scale[k] for k in z}
+        y = {k: scale[k] * z[k] for k in z}
     x = {k: t.detach() for k, t in x.items()}
-    return (x, info) if return_info else x
+    out = (x,)
+    if return_lam_grad:
+        # d F / d Lam_l = -<y_l, (phi - theta)_l>, summed over the entries that share Lam_l
+        diff = {k: params[k].detach() - theta[k].detach() for k in params}
+        if per_param:
+            lam_grad = {k: -(y[k] * diff[k]).sum() if lam[k].dim() == 0 else -(y[k] * diff[k]) for k in lam}
+        else:
+            lam_grad = -tree_dot(y, diff)
+        out = (*out, lam_grad)
+    if return_info:
+        out = (*out, info)
+    return out if len(out) > 1 else x

@@ -7,7 +7,8 @@ optimiser may do the inner loop. Every solver here:
 - builds at most one step's autograd graph at a time (memory is flat in the number of steps) and never
   touches ``.grad`` of anything but its own private copies;
 - returns phi as a dict of detached tensors (requires_grad False);
-- allows lam = 0 (plain fine-tuning, e.g. at test time).
+- allows lam = 0 (plain fine-tuning, e.g. at test time), and a per-parameter lam: a dict name -> tensor
+  (0-d per parameter tensor, or the parameter's shape), for the penalty 1/2 (phi - theta)^T Lam (phi - theta).
 Pure torch, no Lightning. Runs under an outer ``torch.no_grad()`` (it re-enables grad locally), but not on
 inference-mode tensors (Lightning's default for validation: use ``Trainer(inference_mode=False)``).
 
@@ -15,10 +16,11 @@ Solve quality (``return_info=True``, an :class:`InnerInfo`): the proximal gradie
 ||grad L(phi) + lam (phi - theta)|| at the returned phi (the delta of Theorem 1 of the iMAML paper: the
 implicit meta-gradient is exact only where it is 0) and whether G ever rose between consecutive iterates.
 
-``"gd"`` (fixed step) and ``"gd_armijo"`` (the safeguarded default of ``IMAML``) are written once as
-*per-task* functions with fixed iteration counts and ``torch.where`` masks instead of data-dependent Python
-branches, on ``torch.func.grad_and_value``: the looped path calls them per task, and
-:mod:`lightning_imaml.batched` runs the very same functions under ``torch.func.vmap``.
+One engine: every named solver is written once, as a *per-task* function with a fixed iteration count and
+per-task decisions (accept / reject a step, converged, negative curvature) as ``torch.where`` masks instead
+of data-dependent Python branches. The per-task loop calls them directly (gradients by torch.autograd,
+and it may stop once a solve is finished); :mod:`lightning_imaml.batched` runs the very same functions
+under ``torch.func.vmap`` (gradients by torch.func; see :func:`lightning_imaml.implicit.value_and_grad`).
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .implicit import _RetainedGradHVP, conjugate_gradient
-from .params import tree_axpy, tree_dot, tree_map, tree_norm
+from .implicit import conjugate_gradient, grad_and_hvp, under_functorch, value_and_grad
+from .params import tree_axpy, tree_dot, tree_map, tree_norm, tree_where
 
 __all__ = [
     "InnerInfo",
     "proximal_adapt",
     "gd_adapt",
     "gd_armijo_adapt",
+    "sgd_adapt",
+    "adam_adapt",
     "torch_optimizer_adapt",
     "lbfgs_adapt",
     "hessian_free_adapt",
@@ -46,6 +50,7 @@ __all__ = [
 ]
 
 Params = dict[str, Tensor]
+Theta = Mapping[str, Tensor]
 SupportLoss = Callable[[Params], Tensor]
 
 _TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -53,8 +58,17 @@ OPTIMIZERS = ("gd_armijo", "gd", "sgd", "adam", "lbfgs", "hf")
 # per-optimizer default step size when lr is None: the natural first step of L-BFGS / a Newton method is 1;
 # for gd_armijo lr is the largest step it may take
 _DEFAULT_LR = {"gd_armijo": 0.1, "gd": 0.1, "sgd": 0.1, "adam": 0.1, "lbfgs": 1.0, "hf": 1.0}
-# solvers written as per-task functions that torch.func.vmap can batch (lightning_imaml.batched)
-VMAPPABLE = ("gd_armijo", "gd")
+# every named solver is a per-task function that torch.func.vmap can batch (lightning_imaml.batched)
+VMAPPABLE = OPTIMIZERS
+# the extra options each named solver takes (``proximal_adapt(..., **options)``)
+OPTIONS = {
+    "gd_armijo": ("armijo_c", "backtrack", "grow"),
+    "gd": (),
+    "sgd": ("momentum", "dampening", "nesterov", "weight_decay"),
+    "adam": ("betas", "eps", "weight_decay", "amsgrad"),
+    "lbfgs": ("history_size", "c1", "backtrack", "tolerance_grad"),
+    "hf": ("c1", "backtrack", "max_backtracks", "gtol"),
+}
 
 
 class InnerInfo(NamedTuple):
@@ -76,77 +90,75 @@ class InnerInfo(NamedTuple):
     objective: Tensor
 
 
-def _validate(theta: Mapping[str, Tensor], lam: float, steps: int) -> float:
+Lam = float | Mapping[str, Tensor]
+
+
+def _validate(theta: Mapping[str, Tensor], lam: Lam, steps: int) -> Lam:
     if not isinstance(theta, Mapping) or not theta:
         raise ValueError(f"theta must be a non-empty dict name -> Tensor, got {type(theta).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    return check_lam(lam, theta)
+
+
+def check_lam(lam: Lam, theta: Mapping[str, Tensor]) -> Lam:
+    """A proximal strength: a number >= 0, or a dict name -> tensor >= 0 with theta's keys, each 0-d (one
+    value per parameter tensor) or of the parameter's shape (one per scalar). Returns a float or the dict."""
+    if isinstance(lam, Mapping):
+        if set(lam) != set(theta):
+            raise ValueError(
+                f"a per-parameter lam needs theta's keys: missing {sorted(set(theta) - set(lam))}, "
+                f"unknown {sorted(set(lam) - set(theta))}"
+            )
+        for k, v in lam.items():
+            if v.dim() and tuple(v.shape) != tuple(theta[k].shape):
+                raise ValueError(
+                    f"lam[{k!r}] has shape {tuple(v.shape)}; use a 0-d tensor or {tuple(theta[k].shape)}"
+                )
+            if not bool(torch.isfinite(v).all() & (v >= 0).all()):
+                raise ValueError(f"lam[{k!r}] must be >= 0 and finite")
+        return dict(lam)
     lam = float(lam)
     if not (lam >= 0 and math.isfinite(lam)):
         raise ValueError(f"lam must be >= 0 and finite (0 = no proximal term), got {lam}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     return lam
+
+
+def add_lam_times(g: Params, lam: Lam, v: Params) -> Params:
+    """g + Lam v (for a number one fused ``torch.add(g, v, alpha=lam)`` per tensor)."""
+    if isinstance(lam, Mapping):
+        return {k: g[k] + lam[k] * t for k, t in v.items()}
+    return tree_axpy(lam, v, g)
+
+
+def prox_penalty(lam: Lam, diff: Params) -> Tensor:
+    """1/2 (phi - theta)^T Lam (phi - theta) for diff = phi - theta."""
+    if isinstance(lam, Mapping):
+        return 0.5 * sum(torch.sum(lam[k] * d * d) for k, d in diff.items())
+    return 0.5 * lam * tree_dot(diff, diff)
 
 
 def _fresh(theta: Mapping[str, Tensor]) -> Params:
     return {k: t.detach().clone() for k, t in theta.items()}
 
 
-def proximal_objective(support_loss: SupportLoss, phi: Params, theta: Params, lam: float) -> Tensor:
-    """G(phi) = L(phi) + lam/2 ||phi - theta||^2 -> 0-d tensor."""
+def proximal_objective(support_loss: SupportLoss, phi: Params, theta: Params, lam: Lam) -> Tensor:
+    """G(phi) = L(phi) + 1/2 (phi - theta)^T Lam (phi - theta) -> 0-d tensor (Lam = lam I for a number)."""
     loss = support_loss(phi)
-    if lam == 0:
+    if not isinstance(lam, Mapping) and lam == 0:
         return loss
-    return loss + 0.5 * lam * sum(torch.sum((phi[k] - theta[k]) ** 2) for k in phi)
+    return loss + prox_penalty(lam, {k: phi[k] - theta[k] for k in phi})
 
 
-def _value_and_grad(support_loss, phi, theta, lam, create_graph=False):
-    """(G(phi), grad G(phi)) with a one-step graph; grads of parameters the loss ignores are zero."""
-    with torch.enable_grad():
-        p = {k: t.detach().requires_grad_(True) for k, t in phi.items()}
-        loss = support_loss(p)
-        grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True, create_graph=create_graph)
-    g = {}
-    for (k, t), gk in zip(p.items(), grads, strict=True):
-        gk = torch.zeros_like(t) if gk is None else gk.detach()
-        g[k] = gk + lam * (phi[k] - theta[k]) if lam else gk
-    val = loss.detach()
-    if lam:
-        val = val + 0.5 * lam * sum(torch.sum((phi[k] - theta[k]) ** 2) for k in phi)
-    return val, g
-
-
-def _under_functorch() -> bool:
-    """True inside a torch.func transform (vmap, grad, ...), where torch.autograd.grad cannot be used."""
-    try:
-        return torch._C._functorch.peek_interpreter_stack() is not None
-    except AttributeError:  # pragma: no cover - a torch without this private hook: always take torch.func
-        return True
-
-
-def _prox_grad_and_value(support_loss: SupportLoss, theta: Params, lam: float):
-    """phi -> (grad G(phi), G(phi)), detached; gradients of parameters the loss ignores are zeros.
-
-    Outside any torch.func transform it is one torch.autograd.grad (the looped path); inside vmap it is
-    torch.func.grad_and_value, which vmap can batch. Same numbers; the split is for speed: on the Omniglot
-    Conv4 a torch.func gradient measured 4.3-4.8 ms against 2.8-3.7 ms for autograd.grad per call
-    (5-way 1-shot support set, 2-core CPU, interleaved), i.e. +40 % on the inner loop of the per-task path.
-    """
-
-    def G(phi):
-        loss = support_loss(phi)
-        if lam:
-            loss = loss + 0.5 * lam * sum(torch.sum((phi[k] - theta[k]) ** 2) for k in phi)
-        return loss
-
-    grad_and_value = torch.func.grad_and_value(G)
+def _prox_value_and_grad(support_loss: SupportLoss, theta: Params, lam: Lam):
+    """phi -> (G(phi), grad G(phi)), detached; the proximal part added in closed form."""
 
     def f(phi):
-        if not _under_functorch():
-            val, g = _value_and_grad(support_loss, phi, theta, lam)
-            return g, val
-        with torch.enable_grad():
-            g, v = grad_and_value(phi)
-        return {k: t.detach() for k, t in g.items()}, v.detach()
+        val, g = value_and_grad(support_loss, phi)
+        if not lam:
+            return val, g
+        diff = {k: phi[k] - theta[k] for k in phi}
+        return val + prox_penalty(lam, diff), add_lam_times(g, lam, diff)
 
     return f
 
@@ -157,54 +169,63 @@ def _rose(new: Tensor, old: Tensor) -> Tensor:
     return new > old + 16 * eps * old.abs()
 
 
-def _bool(x: Tensor | bool, like: Tensor) -> Tensor:
-    return torch.as_tensor(x, device=like.device).to(torch.bool)
+class _Solve:
+    """The state every solver starts from and reports: phi = theta, G and grad G there, the running
+    rise flag and accepted-step count (all per task, vmappable)."""
+
+    def __init__(self, support_loss, theta, lam, steps):
+        self.lam = _validate(theta, lam, steps)
+        self.theta = _fresh(theta)
+        self.f = _prox_value_and_grad(support_loss, self.theta, self.lam)
+        self.phi = dict(self.theta)
+        self.val, self.g = self.f(self.phi)
+        self.residual0 = tree_norm(self.g)
+        self.rose = torch.zeros_like(self.val, dtype=torch.bool)
+        self.accepted = torch.zeros_like(self.val)
+
+    def evaluate(self):
+        """G and grad G at the current phi; records a rise against the previous value."""
+        new, self.g = self.f(self.phi)
+        self.rose = self.rose | _rose(new, self.val)
+        self.val = new
+
+    def result(self, return_info: bool):
+        if not return_info:
+            return self.phi
+        info = InnerInfo(tree_norm(self.g), self.residual0, self.rose, self.accepted, self.val)
+        return self.phi, info
+
+
+def _check_step(lr: float) -> None:
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
 
 
 def gd_adapt(
-    support_loss: SupportLoss,
-    theta: Mapping[str, Tensor],
-    lam: float,
-    steps: int,
-    lr: float = 0.1,
+    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 0.1,
     return_info: bool = False,
-):
+):  # fmt: skip
     """Fixed-step proximal GD: ``steps`` times phi <- phi - lr (grad L(phi) + lam (phi - theta)).
 
     The textbook iMAML-GD (and MAML's inner loop). Stable only while the largest eigenvalue of the support
     Hessian stays below 2/lr - lam; past it G rises from step to step (``InnerInfo.rose``) and phi diverges.
-    Per-task and vmappable; ``steps + 1`` gradient evaluations (the last one gives the residual).
-    Returns detached phi, or ``(phi, InnerInfo)`` with ``return_info``.
+    ``steps + 1`` gradient evaluations (the last one gives the residual). Returns detached phi, or
+    ``(phi, InnerInfo)`` with ``return_info``.
     """
-    lam = _validate(theta, lam, steps)
-    theta = _fresh(theta)
-    grad_and_value = _prox_grad_and_value(support_loss, theta, lam)
-    phi = dict(theta)
-    g, val = grad_and_value(phi)
-    residual0 = tree_norm(g)
-    rose = _bool(False, val)
+    _check_step(lr)
+    run = _Solve(support_loss, theta, lam, steps)
     for _ in range(steps):
-        phi = tree_axpy(-lr, g, phi)
-        g, new = grad_and_value(phi)
-        rose = rose | _rose(new, val)
-        val = new
-    if not return_info:
-        return phi
-    accepted = torch.full_like(val, float(steps))
-    return phi, InnerInfo(tree_norm(g), residual0, rose, accepted, val)
+        run.phi = tree_axpy(-lr, run.g, run.phi)
+        run.evaluate()
+    run.accepted = torch.full_like(run.val, float(steps))
+    return run.result(return_info)
 
 
 def gd_armijo_adapt(
-    support_loss: SupportLoss,
-    theta: Mapping[str, Tensor],
-    lam: float,
-    steps: int,
-    lr: float = 0.1,
-    armijo_c: float = 0.5,
-    backtrack: float = 0.5,
-    grow: float = 2.0,
+    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 0.1,
+    armijo_c: float = 0.5, backtrack: float = 0.5, grow: float = 2.0,
     return_info: bool = False,
-):
+):  # fmt: skip
     """Safeguarded proximal GD: a step phi - t g (g = grad G) is taken only if G falls by >= c t ||g||^2.
 
     Per task, per trial step: rho = (G(phi) - G(phi - t g)) / (t ||g||^2), the achieved share of the
@@ -228,59 +249,90 @@ def gd_armijo_adapt(
     unchanged under ``torch.func.vmap`` with per-task step sizes. Returns detached phi, or
     ``(phi, InnerInfo)`` with ``return_info``.
     """
-    lam = _validate(theta, lam, steps)
     if not 0 < armijo_c < 1:
         raise ValueError(f"armijo_c must be in (0, 1), got {armijo_c}")
     if not 0.1 <= backtrack < 1:
         raise ValueError(f"backtrack must be in [0.1, 1), got {backtrack}")
     if not grow >= 1:
         raise ValueError(f"grow must be >= 1, got {grow}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0 (the largest step), got {lr}")
-    theta = _fresh(theta)
-    grad_and_value = _prox_grad_and_value(support_loss, theta, lam)
-    phi = dict(theta)
-    g, val = grad_and_value(phi)
-    gg = tree_dot(g, g)
-    residual0 = gg.sqrt()
-    t = torch.full_like(val, lr)
-    accepted = torch.zeros_like(val)
+    _check_step(lr)
+    run = _Solve(support_loss, theta, lam, steps)
+    gg = tree_dot(run.g, run.g)
+    t = torch.full_like(run.val, lr)
     grow_above = 1 - (1 - armijo_c) / grow
     for _ in range(steps):
-        trial = tree_axpy(-t, g, phi)
-        g_new, new = grad_and_value(trial)
+        trial = tree_axpy(-t, run.g, run.phi)
+        new, g_new = run.f(trial)
         predicted = t * gg
-        noise = 16 * torch.finfo(val.dtype).eps * torch.maximum(val.abs(), new.abs())
+        noise = 16 * torch.finfo(new.dtype).eps * torch.maximum(run.val.abs(), new.abs())
         # rho from values only where their difference is known to ~1e-3; else from the gradients
         measurable = predicted > 1024 * noise
-        rho_grads = 0.5 * (1 + tree_dot(g_new, g) / gg)
-        rho = torch.where(measurable, (val - new) / predicted, rho_grads)
+        rho_grads = 0.5 * (1 + tree_dot(g_new, run.g) / gg)
+        rho = torch.where(measurable, (run.val - new) / predicted, rho_grads)
         # gg == 0 (already stationary): rho is nan/inf; nothing to do, reject and keep phi
-        ok = torch.isfinite(new) & torch.isfinite(rho) & (rho >= armijo_c) & (new <= val + noise)
-        phi = {k: torch.where(ok, trial[k], phi[k]) for k in phi}
-        g = {k: torch.where(ok, g_new[k], g[k]) for k in g}
-        val = torch.where(ok, new, val)
-        gg = tree_dot(g, g)
+        ok = torch.isfinite(new) & torch.isfinite(rho) & (rho >= armijo_c) & (new <= run.val + noise)
+        run.phi = tree_where(ok, trial, run.phi)
+        run.g = tree_where(ok, g_new, run.g)
+        run.val = torch.where(ok, new, run.val)
+        gg = tree_dot(run.g, run.g)
         shrink = torch.nan_to_num(0.9 * (1 - armijo_c) / (1 - rho), nan=0.1, posinf=backtrack, neginf=0.1)
         rho_grow = torch.minimum(rho, rho_grads)  # grow only if both estimates allow it
         t_up = torch.where(rho_grow >= grow_above, torch.clamp(t * grow, max=lr), t)
         t = torch.where(ok, t_up, t * torch.clamp(shrink, 0.1, backtrack))
-        accepted = accepted + ok.to(accepted.dtype)
-    if not return_info:
-        return phi
-    return phi, InnerInfo(gg.sqrt(), residual0, _bool(False, val), accepted, val)
+        run.accepted = run.accepted + ok.to(run.accepted.dtype)
+    return run.result(return_info)
 
 
-def _info_at(support_loss, theta, lam, phi, residual0, rose, accepted) -> InnerInfo:
-    """InnerInfo of the loop-only solvers: one more gradient evaluation at the returned phi."""
-    val, g = _value_and_grad(support_loss, phi, theta, lam)
-    return InnerInfo(
-        tree_norm(g),
-        torch.as_tensor(residual0, dtype=val.dtype, device=val.device),
-        _bool(rose, val),
-        torch.as_tensor(float(accepted), dtype=val.dtype, device=val.device),
-        val,
-    )
+def sgd_adapt(
+    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 0.1,
+    momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+    return_info: bool = False,
+):  # fmt: skip
+    """``torch.optim.SGD`` on G, step for step (momentum buffer from the first gradient, dampening,
+    Nesterov, L2 ``weight_decay``), as a per-task vmappable function. ``steps + 1`` evaluations."""
+    _check_step(lr)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+    run = _Solve(support_loss, theta, lam, steps)
+    buf = None
+    for _ in range(steps):
+        d = tree_axpy(weight_decay, run.phi, run.g) if weight_decay else run.g
+        if momentum:
+            buf = d if buf is None else tree_map(lambda b, x: momentum * b + (1 - dampening) * x, buf, d)
+            d = tree_axpy(momentum, buf, d) if nesterov else buf
+        run.phi = tree_axpy(-lr, d, run.phi)
+        run.evaluate()
+    run.accepted = torch.full_like(run.val, float(steps))
+    return run.result(return_info)
+
+
+def adam_adapt(
+    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+    amsgrad: bool = False, return_info: bool = False,
+):  # fmt: skip
+    """``torch.optim.Adam`` on G, step for step (bias corrections, L2 ``weight_decay``, ``amsgrad``), as a
+    per-task vmappable function. ``steps + 1`` evaluations."""
+    _check_step(lr)
+    beta1, beta2 = betas
+    run = _Solve(support_loss, theta, lam, steps)
+    m = tree_map(torch.zeros_like, run.g)
+    v = tree_map(torch.zeros_like, run.g)
+    vmax = v
+    for step in range(1, steps + 1):
+        d = tree_axpy(weight_decay, run.phi, run.g) if weight_decay else run.g
+        m = tree_map(lambda a, x: a.lerp(x, 1 - beta1), m, d)  # as torch.optim.Adam
+        v = tree_map(lambda a, x: a * beta2 + (1 - beta2) * x * x, v, d)
+        vmax = tree_map(torch.maximum, vmax, v) if amsgrad else v
+        size, bc2_sqrt = lr / (1 - beta1**step), (1 - beta2**step) ** 0.5  # as torch.optim.Adam
+
+        def update(p, a, b, size=size, bc2_sqrt=bc2_sqrt):
+            return p - size * (a / (b.sqrt() / bc2_sqrt + eps))
+
+        run.phi = tree_map(update, run.phi, m, vmax)
+        run.evaluate()
+    run.accepted = torch.full_like(run.val, float(steps))
+    return run.result(return_info)
 
 
 def torch_optimizer_adapt(
@@ -293,14 +345,14 @@ def torch_optimizer_adapt(
     return_info: bool = False,
     **optimizer_kwargs,
 ):
-    """Any ``torch.optim`` optimiser on G(phi) = L(phi) + lam/2 ||phi - theta||^2, ``steps`` steps.
+    """Any ``torch.optim`` optimiser class on G(phi) = L(phi) + lam/2 ||phi - theta||^2, ``steps`` steps.
 
-    optimizer: "sgd", "adam" or a ``torch.optim.Optimizer`` subclass; ``optimizer_kwargs`` go to its
-    constructor (e.g. momentum=0.9). Gradients are set by hand on private copies, so ``support_loss`` may
-    close over modules whose own ``.grad`` must stay untouched. Returns detached phi, or
-    ``(phi, InnerInfo)`` with ``return_info`` (one more gradient evaluation).
+    For optimisers this module does not write itself (RMSprop, Adagrad, ...): per-task loop only, since
+    torch.optim updates tensors in place, which vmap cannot batch. optimizer: "sgd", "adam" or a
+    ``torch.optim.Optimizer`` subclass; ``optimizer_kwargs`` go to its constructor. Gradients are set by
+    hand on private copies, so ``support_loss`` may close over modules whose ``.grad`` must stay untouched.
+    Returns detached phi, or ``(phi, InnerInfo)`` with ``return_info``.
     """
-    lam = _validate(theta, lam, steps)
     if isinstance(optimizer, str):
         if optimizer.lower() not in _TORCH_OPTIMIZERS:
             raise ValueError(
@@ -308,153 +360,168 @@ def torch_optimizer_adapt(
                 "or pass a torch.optim.Optimizer subclass"
             )
         optimizer = _TORCH_OPTIMIZERS[optimizer.lower()]
-    theta = _fresh(theta)
-    phi = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
+    if under_functorch():
+        raise RuntimeError(
+            f"torch_optimizer_adapt({optimizer.__name__}) updates tensors in place and cannot run under "
+            "torch.func.vmap; use the per-task loop, or proximal_adapt's 'sgd' / 'adam'"
+        )
+    run = _Solve(support_loss, theta, lam, steps)
+    phi = {k: t.clone().requires_grad_(True) for k, t in run.phi.items()}
     opt = optimizer(list(phi.values()), lr=lr, **optimizer_kwargs)
-    residual0, rose, prev = None, False, None
     for _ in range(steps):
-        val, g = _value_and_grad(support_loss, phi, theta, lam)
-        if return_info:
-            residual0 = tree_norm(g) if residual0 is None else residual0
-            rose = rose or (prev is not None and bool(_rose(val, prev)))
-            prev = val
         for k, t in phi.items():
-            t.grad = g[k]
+            t.grad = run.g[k]
         opt.step()
-    phi = {k: t.detach() for k, t in phi.items()}
-    if not return_info:
-        return phi
-    info = _info_at(support_loss, theta, lam, phi, 0.0, False, steps)
-    rose = rose or (prev is not None and bool(_rose(info.objective, prev)))
-    residual0 = info.residual if residual0 is None else residual0
-    return phi, info._replace(residual0=residual0, rose=_bool(rose, info.objective))
+        run.phi = {k: t.detach().clone() for k, t in phi.items()}
+        run.evaluate()
+    run.accepted = torch.full_like(run.val, float(steps))
+    return run.result(return_info)
+
+
+def _two_loop(g: Params, S: list, Y: list, rho: list) -> Params:
+    """-H g by the L-BFGS two-loop recursion; history newest first, empty slots have rho = 0."""
+    q = tree_map(torch.neg, g)
+    alphas = []
+    for s, y, r in zip(S, Y, rho, strict=True):
+        a = r * tree_dot(s, q)
+        q = tree_axpy(-a, y, q)
+        alphas.append(a)
+    yy = tree_dot(Y[0], Y[0])
+    gamma = torch.where(rho[0] > 0, tree_dot(S[0], Y[0]) / torch.where(yy > 0, yy, torch.ones_like(yy)), 1.0)
+    d = tree_map(lambda t: gamma * t, q)
+    for s, y, r, a in reversed(list(zip(S, Y, rho, alphas, strict=True))):
+        d = tree_axpy(a - r * tree_dot(y, d), s, d)
+    return d
 
 
 def lbfgs_adapt(
-    support_loss: SupportLoss,
-    theta: Mapping[str, Tensor],
-    lam: float,
-    steps: int,
-    lr: float = 1.0,
-    history_size: int = 20,
-    line_search_fn: str | None = "strong_wolfe",
-    tolerance_grad: float = 1e-10,
-    tolerance_change: float = 0.0,
+    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 1.0,
+    history_size: int = 10, c1: float = 1e-4, backtrack: float = 0.5, tolerance_grad: float = 1e-10,
     return_info: bool = False,
-    **optimizer_kwargs,
-):
-    """torch.optim.LBFGS on G(phi) for up to ``steps`` iterations (one ``step(closure)`` with max_iter=steps).
+):  # fmt: skip
+    """L-BFGS on G(phi) = L(phi) + lam/2 ||phi - theta||^2: ``steps`` trial steps, per task, vmappable.
 
-    Tolerances are tighter than torch's defaults (1e-7 / 1e-9; with 1e-9 on the change of G, float64 runs stop
-    near ||grad|| ~ 1e-6) so that float64 solves reach the optimum the
-    implicit gradient assumes; loosen them for speed. With ``return_info``: ``(phi, InnerInfo)``, where
-    ``rose`` compares G at the end with G at theta (the strong-Wolfe search is monotone by construction;
-    its trial points are not iterates) and ``accepted`` is the iteration count.
+    Direction d = -H g by the two-loop recursion over the last ``history_size`` pairs (s, y) (initial
+    scaling s'y / y'y; a pair enters only if s'y > 1e-10, so H stays positive definite); d = -g where it is
+    not a descent direction. Step: one trial phi + t d per iteration, t = lr (the first one scaled
+    min(1, 1/|g|_1) as torch.optim.LBFGS), accepted if G(phi + t d) <= G(phi) + c1 t g'd (Armijo), else
+    t <- backtrack t for the next iteration. A task whose max |g| <= tolerance_grad stops moving.
+    Unlike torch.optim.LBFGS (strong-Wolfe search, data-dependent evaluation counts) this runs a fixed
+    count, so it batches. Returns detached phi, or ``(phi, InnerInfo)`` with ``return_info``.
     """
-    lam = _validate(theta, lam, steps)
-    theta = _fresh(theta)
-    phi = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
-    first: list[Tensor] = []
-    if steps > 0:
-        opt = torch.optim.LBFGS(
-            list(phi.values()),
-            lr=lr,
-            max_iter=steps,
-            history_size=history_size,
-            line_search_fn=line_search_fn,
-            tolerance_grad=tolerance_grad,
-            tolerance_change=tolerance_change,
-            **optimizer_kwargs,
-        )
-
-        def closure():
-            val, g = _value_and_grad(support_loss, phi, theta, lam)
-            if not first:
-                first.extend([val, tree_norm(g)])
-            for k, t in phi.items():
-                t.grad = g[k]
-            return val
-
-        opt.step(closure)
-    out = {k: t.detach() for k, t in phi.items()}
-    if not return_info:
-        return out
-    iters = opt.state[opt._params[0]].get("n_iter", 0) if steps > 0 else 0
-    info = _info_at(support_loss, theta, lam, out, 0.0, False, iters)
-    val0, res0 = first if first else (info.objective, info.residual)
-    return out, info._replace(residual0=res0, rose=_rose(info.objective, val0))
+    _check_step(lr)
+    if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
+        raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
+    run = _Solve(support_loss, theta, lam, steps)
+    zeros = tree_map(torch.zeros_like, run.g)
+    S, Y = [zeros] * history_size, [zeros] * history_size
+    rho = [torch.zeros_like(run.val)] * history_size
+    t = lr * torch.clamp(1.0 / sum(x.abs().sum() for x in run.g.values()), max=1.0)
+    for _ in range(steps):
+        done = torch.stack([x.abs().max() for x in run.g.values()]).max() <= tolerance_grad
+        d = _two_loop(run.g, S, Y, rho)
+        gtd = tree_dot(run.g, d)
+        descent = torch.isfinite(gtd) & (gtd < 0)
+        d = tree_where(descent, d, tree_map(torch.neg, run.g))
+        gtd = torch.where(descent, gtd, -tree_dot(run.g, run.g))
+        trial = tree_axpy(t, d, run.phi)
+        new, g_new = run.f(trial)
+        ok = ~done & torch.isfinite(new) & (new <= run.val + c1 * t * gtd)
+        s, y = tree_axpy(-1.0, run.phi, trial), tree_axpy(-1.0, run.g, g_new)
+        sy = tree_dot(s, y)
+        keep = ok & (sy > 1e-10)
+        S = [tree_where(keep, a, b) for a, b in zip([s, *S[:-1]], S, strict=True)]
+        Y = [tree_where(keep, a, b) for a, b in zip([y, *Y[:-1]], Y, strict=True)]
+        rho = [torch.where(keep, a, b) for a, b in zip([1.0 / sy, *rho[:-1]], rho, strict=True)]
+        run.phi, run.g = tree_where(ok, trial, run.phi), tree_where(ok, g_new, run.g)
+        run.val = torch.where(ok, new, run.val)
+        t = torch.where(ok, torch.full_like(t, lr), t * backtrack)
+        run.accepted = run.accepted + ok.to(run.accepted.dtype)
+    return run.result(return_info)
 
 
 def hessian_free_adapt(
-    support_loss: SupportLoss,
-    theta: Mapping[str, Tensor],
-    lam: float,
-    steps: int,
-    hf_cg_steps: int = 5,
-    lr: float = 1.0,
-    c1: float = 1e-4,
-    backtrack: float = 0.5,
-    max_backtracks: int = 30,
-    gtol: float = 0.0,
+    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, hf_cg_steps: int = 5, lr: float = 1.0,
+    c1: float = 1e-4, backtrack: float = 0.5, max_backtracks: int = 10, gtol: float = 0.0,
     return_info: bool = False,
-):
+):  # fmt: skip
     """iMAML-HF: ``steps`` Newton-CG iterations on G(phi) = L(phi) + lam/2 ||phi - theta||^2.
 
     Each iteration: g = grad G(phi); d ~= -(H + lam I)^{-1} g by ``hf_cg_steps`` steps of truncated CG
-    (H = Hessian of L at phi, matrix-free, the gradient graph built once per iteration); then Armijo
-    backtracking phi <- phi + t d, t = lr, lr*backtrack, ... until G(phi + t d) <= G(phi) + c1 t g^T d.
-    The proximal term makes H + lam I well conditioned near theta; where it is not positive definite
+    (H = Hessian of L at phi, matrix-free; plainly the gradient graph is built once per iteration); then
+    backtracking phi <- phi + t d over t = lr, lr*backtrack, ... (``max_backtracks`` trials, values only)
+    to the first t with G(phi + t d) <= G(phi) + c1 t g^T d. Where H + lam I is not positive definite
     (lam = 0 or strong negative curvature) truncated CG stops at its last descent iterate, or -g on the
-    first step, so d is always a descent direction. Stops early when ||g|| <= gtol or no step decreases G.
-    With ``return_info``: ``(phi, InnerInfo)``, ``accepted`` = Newton steps taken.
+    first step, so d is always a descent direction. A task stops when ||g|| <= gtol or no trial step
+    decreases G. Per task and vmappable (under vmap every trial is evaluated and masked; the per-task loop
+    stops at the first accepted one). With ``return_info``: ``(phi, InnerInfo)``, ``accepted`` = Newton
+    steps taken (one more gradient evaluation for the residual).
     """
-    lam = _validate(theta, lam, steps)
     if isinstance(hf_cg_steps, bool) or not isinstance(hf_cg_steps, int) or hf_cg_steps < 1:
         raise ValueError(f"hf_cg_steps must be an integer >= 1, got {hf_cg_steps!r}")
+    _check_step(lr)
+    lam = _validate(theta, lam, steps)
     theta = _fresh(theta)
-    phi = _fresh(theta)
-    residual0, accepted = None, 0
+    phi = dict(theta)
+    loop = not under_functorch()
+    done = residual0 = accepted = None
+
+    def objective(p):
+        with torch.no_grad():
+            return proximal_objective(support_loss, p, theta, lam)
+
     for _ in range(steps):
-        hvp = _RetainedGradHVP(support_loss, phi)
-        g = {}
-        for (k, t), gk in zip(hvp.p.items(), hvp.grads, strict=True):
-            gk = torch.zeros_like(t) if gk is None else gk.detach()
-            g[k] = gk + lam * (phi[k] - theta[k]) if lam else gk
-        g_norm = tree_dot(g, g).sqrt().item()
-        residual0 = g_norm if residual0 is None else residual0
-        if not math.isfinite(g_norm) or g_norm <= gtol:
+        loss, g, hvp = grad_and_hvp(support_loss, phi)
+        if lam:
+            diff = tree_axpy(-1.0, theta, phi)
+            loss, g = loss + prox_penalty(lam, diff), add_lam_times(g, lam, diff)
+        gg = tree_dot(g, g)
+        if done is None:  # first iteration: what every report starts from
+            residual0, accepted = gg.sqrt(), torch.zeros_like(loss)
+            done = ~(torch.isfinite(gg) & (gg.sqrt() > gtol))
+        if loop and bool(done):
             break
-        f0 = proximal_objective(support_loss, phi, theta, lam).detach()
 
         def matvec(v, hvp=hvp):
             hv = hvp(v)
-            return tree_axpy(lam, v, hv) if lam else hv
+            return add_lam_times(hv, lam, v) if lam else hv
 
         neg_g = tree_map(torch.neg, g)
         d, _ = conjugate_gradient(matvec, neg_g, hf_cg_steps, rtol=1e-12)
         del hvp, matvec  # free this iteration's graph now, not when the next one is built
-        slope = tree_dot(g, d).item()
-        if not (slope < 0 and math.isfinite(slope)):
-            d, slope = neg_g, -(g_norm**2)  # numerical safety: fall back to steepest descent
-        t, moved = lr, False
-        with torch.no_grad():
-            for _ in range(max_backtracks):
-                cand = tree_axpy(t, d, phi)
-                f = proximal_objective(support_loss, cand, theta, lam)
-                if torch.isfinite(f) and f.item() <= f0.item() + c1 * t * slope:
-                    phi, moved = cand, True
-                    break
-                t *= backtrack
-        if not moved:
-            break
-        accepted += 1
-    out = {k: t.detach() for k, t in phi.items()}
+        slope = tree_dot(g, d)
+        descent = torch.isfinite(slope) & (slope < 0)  # numerical safety: else steepest descent
+        d, slope = tree_where(descent, d, neg_g), torch.where(descent, slope, -gg)
+        moved = torch.zeros_like(done)
+        for j in range(max_backtracks):
+            if loop and bool(moved):
+                break
+            t = lr * backtrack**j
+            cand = tree_axpy(t, d, phi)
+            f = objective(cand)
+            ok = ~done & ~moved & torch.isfinite(f) & (f <= loss + c1 * t * slope)
+            phi = tree_where(ok, cand, phi)
+            moved = moved | ok
+        accepted = accepted + moved.to(accepted.dtype)
+        done = done | ~moved
     if not return_info:
-        return out
-    info = _info_at(support_loss, theta, lam, out, 0.0, False, accepted)
-    # Armijo with c1 > 0 only accepts decreases: G cannot rise
-    r0 = info.residual if residual0 is None else torch.as_tensor(residual0, dtype=info.residual.dtype)
-    return out, info._replace(residual0=r0)
+        return phi
+    val, g = _prox_value_and_grad(support_loss, theta, lam)(phi)
+    residual = tree_norm(g)
+    if residual0 is None:  # steps == 0
+        residual0, accepted = residual, torch.zeros_like(val)
+    # Armijo with c1 > 0 accepts decreases only: G cannot rise
+    return phi, InnerInfo(residual, residual0, torch.zeros_like(val, dtype=torch.bool), accepted, val)
+
+
+_SOLVERS = {
+    "gd_armijo": gd_armijo_adapt,
+    "gd": gd_adapt,
+    "sgd": sgd_adapt,
+    "adam": adam_adapt,
+    "lbfgs": lbfgs_adapt,
+    "hf": hessian_free_adapt,
+}
 
 
 def proximal_adapt(
@@ -470,45 +537,22 @@ def proximal_adapt(
 ):
     """Minimise L(phi) + lam/2 ||phi - theta||^2 from phi = theta with the named solver; returns detached phi.
 
-    optimizer: "gd_armijo" (default: GD with a per-task backtracking step, G never increases; ``lr`` its
+    optimizer: "gd_armijo" (default: GD with a per-task safeguarded step, G never increases; ``lr`` its
     largest step), "gd" (fixed step, the textbook iMAML-GD; diverges once the support curvature exceeds
-    2/lr - lam), "sgd" / "adam" (torch.optim; momentum etc. via ``optimizer_kwargs``), "lbfgs" (``steps``
-    = max iterations), "hf" (Hessian-free Newton-CG, iMAML-HF, ``hf_cg_steps`` CG steps per iteration).
-    lr None picks 0.1 for gd_armijo/gd/sgd/adam and 1.0 (the initial line-search step) for lbfgs/hf.
-    With ``return_info=True`` returns ``(phi, InnerInfo)`` (residual, rose, accepted steps, objective).
+    2/lr - lam), "sgd" / "adam" (as torch.optim's; momentum etc. via ``optimizer_kwargs``), "lbfgs"
+    (``steps`` trial steps), "hf" (Hessian-free Newton-CG, iMAML-HF, ``hf_cg_steps`` CG steps per
+    iteration). :data:`OPTIONS` lists each one's options. lr None picks 0.1 for gd_armijo/gd/sgd/adam
+    and 1.0 (the initial line-search step) for lbfgs/hf. Every one is a per-task function that vmap
+    batches. With ``return_info=True`` returns ``(phi, InnerInfo)``.
     """
     name = optimizer.lower() if isinstance(optimizer, str) else optimizer
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {list(OPTIMIZERS)}")
+    bad = sorted(set(optimizer_kwargs) - set(OPTIONS[name]))
+    if bad:
+        takes = f"only {', '.join(OPTIONS[name])}" if OPTIONS[name] else "no extra options"
+        raise ValueError(f"optimizer {name!r} takes {takes}, got {bad}")
     lr = _DEFAULT_LR[name] if lr is None else lr
-    if name == "gd":
-        if optimizer_kwargs:
-            raise ValueError(f"optimizer 'gd' takes no extra options, got {sorted(optimizer_kwargs)}")
-        return gd_adapt(support_loss, theta, lam, steps, lr=lr, return_info=return_info)
-    if name == "gd_armijo":
-        bad = sorted(set(optimizer_kwargs) - {"armijo_c", "backtrack", "grow"})
-        if bad:
-            raise ValueError(
-                f"optimizer 'gd_armijo' takes only armijo_c, backtrack, grow as extra options, got {bad}"
-            )
-        return gd_armijo_adapt(
-            support_loss, theta, lam, steps, lr=lr, return_info=return_info, **optimizer_kwargs
-        )
-    if name in _TORCH_OPTIMIZERS:
-        return torch_optimizer_adapt(
-            support_loss, theta, lam, steps, name, lr=lr, return_info=return_info, **optimizer_kwargs
-        )
-    if name == "lbfgs":
-        return lbfgs_adapt(
-            support_loss, theta, lam, steps, lr=lr, return_info=return_info, **optimizer_kwargs
-        )
-    return hessian_free_adapt(
-        support_loss,
-        theta,
-        lam,
-        steps,
-        hf_cg_steps=hf_cg_steps,
-        lr=lr,
-        return_info=return_info,
-        **optimizer_kwargs,
-    )
+    if name == "hf":
+        optimizer_kwargs["hf_cg_steps"] = hf_cg_steps
+    return _SOLVERS[name](support_loss, theta, lam, steps, lr=lr, return_info=return_info, **optimizer_kwargs)

@@ -37,8 +37,9 @@ from torchmetrics import CatMetric
 from .batched import (
     BATCHED_INNER_OPTIMIZERS,
     BatchingUnsupported,
-    imaml_batched_meta_gradient,
     probe_batching,
+    summarise_tasks,
+    vmap_tasks,
 )
 from .metagrad import (
     ForwardCast,
@@ -83,6 +84,13 @@ def unpack_episode(batch: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if b is None or any(p.dim() < 1 or p.shape[0] != b for p in parts):
         raise ValueError(f"episode tensors need the same leading task dimension B, got shapes {shapes}")
     return parts  # type: ignore[return-value]
+
+
+def _stack(values: list) -> Any:
+    """Per-task results (tensors or dicts of tensors) -> one with a leading task dimension."""
+    if isinstance(values[0], Mapping):
+        return {k: torch.stack([v[k] for v in values]) for k in values[0]}
+    return torch.stack(values)
 
 
 def callable_to_config(factory: Any) -> Any:
@@ -250,7 +258,13 @@ class MetaLearner(pl.LightningModule):
             pass
         self.save_hyperparameters(ignore=ignore)
         # keep only the concrete class's own arguments (MAML has no inner_optimizer, ...)
-        own = set(inspect.signature(type(self).__init__).parameters)
+        own = {
+            name
+            for cls in type(self).__mro__
+            if "__init__" in vars(cls) and issubclass(cls, MetaLearner)
+            for name, par in inspect.signature(cls.__init__).parameters.items()
+            if par.kind is not inspect.Parameter.VAR_KEYWORD
+        }
         # LightningCLI's _class_path / _instantiator are what load_from_checkpoint(path) needs to rebuild a
         # model given as a class_path dict: keep them
         for key in [k for k in self.hparams if k not in own and k not in ("_class_path", "_instantiator")]:
@@ -294,6 +308,18 @@ class MetaLearner(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------
     # meta-gradient
 
+    def inner_settings(self) -> dict[str, Any]:
+        """The training inner problem as keyword arguments of the per-task meta-gradient functions."""
+        return dict(
+            loss_fn=self.loss_fn,
+            lam=self.lam,
+            inner_steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+            inner_optimizer=self.inner_optimizer,
+            hf_cg_steps=self.hf_cg_steps,
+            inner_optimizer_kwargs=self.inner_optimizer_kwargs,
+        )
+
     def task_meta_gradient(
         self,
         theta: Mapping[str, Tensor],
@@ -315,24 +341,53 @@ class MetaLearner(pl.LightningModule):
         """
         sx, sy, qx, qy = unpack_episode(batch)
         theta = {k: v.detach() for k, v in self.meta_parameters().items()}
-        total = {k: torch.zeros_like(v) for k, v in theta.items()}
-        per_task: dict[str, list] = {"query_loss": [], "support_loss": []}
-        if self.task_type == "classification":
-            per_task["query_acc"] = []
-        n_tasks = sx.shape[0]
-        for i in range(n_tasks):
-            res = self.task_meta_gradient(theta, (sx[i], sy[i], qx[i], qy[i]), cast)
-            for k in total:
-                total[k].add_(res.grad[k])
-            per_task["query_loss"].append(res.query_loss.float())
-            per_task["support_loss"].append(res.support_loss.float())
-            if "query_acc" in per_task:
-                per_task["query_acc"].append(self._accuracy(res.query_out, qy[i]))
-            for k, v in res.info.items():
-                per_task.setdefault(k, []).append(torch.tensor(v, dtype=torch.float32, device=sx.device))
-        grad = {k: v / n_tasks for k, v in total.items()}
-        metrics = {k: torch.stack([t.reshape(()) for t in v]) for k, v in per_task.items()}
-        return grad, metrics
+        classification = self.task_type == "classification"
+        if self._use_batched(batch):
+            try:
+                return self.batched_meta_gradient(batch, cast)
+            except BatchingUnsupported as err:
+                rank_zero_warn(f"batched_tasks: using the per-task loop instead ({err})")
+                self._batching_ok = False
+        results = [self.task_meta_gradient(theta, task, cast) for task in zip(sx, sy, qx, qy, strict=True)]
+        stacked = TaskResult(*(_stack([getattr(r, f) for r in results]) for f in TaskResult._fields))
+        return summarise_tasks(stacked, qy, classification)
+
+    # the per-task meta-gradient is a vmappable function for these learners (see IMAML.batched_tasks)
+    _batchable = False
+    batched_tasks: bool | None = None
+    batched_chunk_size: int | None = None
+
+    def _use_batched(self, batch: Any) -> bool:
+        if not self._batchable:
+            return False
+        wanted = self.batched_tasks
+        if wanted is None:
+            wanted = unpack_episode(batch)[0].is_cuda
+        if not wanted:
+            return False
+        if getattr(self, "_batching_ok", None) is None:
+            ok = self.inner_optimizer.lower() in BATCHED_INNER_OPTIMIZERS
+            why = f"inner_optimizer={self.inner_optimizer!r} has no batched solver"
+            if ok:
+                sx, sy, _, _ = unpack_episode(batch)
+                theta = {k: v.detach() for k, v in self.meta_parameters().items()}
+                ok, why = probe_batching(self.model, sx, sy, loss_fn=self.loss_fn, params=theta)
+            if not ok and self.batched_tasks:
+                rank_zero_warn(f"batched_tasks=True: using the per-task loop instead ({why})")
+            self._batching_ok = ok
+        return self._batching_ok
+
+    def batched_meta_gradient(self, batch: Any, cast: ForwardCast | None = None):
+        """The whole meta-batch at once: :meth:`task_meta_gradient` itself under ``torch.func.vmap``
+        (``batched_chunk_size`` tasks per call); same return value as :meth:`meta_gradient`."""
+        sx, sy, qx, qy = unpack_episode(batch)
+        theta = {k: v.detach() for k, v in self.meta_parameters().items()}
+        results = vmap_tasks(
+            lambda *task: self.task_meta_gradient(theta, task, cast),
+            (sx, sy, qx, qy),
+            self.batched_chunk_size,
+        )
+        return summarise_tasks(results, qy, self.task_type == "classification")
 
     @staticmethod
     def _accuracy(out: Tensor, y: Tensor) -> Tensor:
@@ -543,124 +598,63 @@ class IMAML(MetaLearner):
     ``train/inner_rose`` (share of tasks whose objective rose) and ``train/inner_accepted``; a warning
     is raised when most solves fail for 20 meta-steps in a row.
 
-    ``batched_tasks``: run the whole meta-batch at once with ``torch.func.vmap``
-    (:func:`lightning_imaml.batched.imaml_batched_meta_gradient`) instead of the per-task loop of
-    :meth:`MetaLearner.meta_gradient`. ``None`` (default) means "on when it pays": batched on CUDA,
-    looped on CPU, where batching measured only 0.94x the loop's time for ~10x its memory (Omniglot
-    Conv4, 5-way 1-shot, meta-batch 32, 2 cores). Either way the batched path is used only when it is
-    supported: inner optimisers "gd_armijo", "gd", "sgd", "adam" (L-BFGS and HF fall back to the loop)
-    and models that vmap can run (no in-place buffer updates such as BatchNorm running statistics, no
-    data-dependent Python control flow); otherwise it warns once and loops.
+    ``batched_tasks``: run the whole meta-batch at once: :meth:`task_meta_gradient` itself under
+    ``torch.func.vmap`` (every inner solver, CG and the HVP are per-task functions that vmap batches),
+    ``batched_chunk_size`` tasks per call (None: all). ``None`` (default) means "on when it pays":
+    batched on CUDA, the per-task loop on CPU (measured: README, "Speed"). Models that vmap cannot run
+    (BatchNorm with running statistics, data-dependent control flow) are detected on the first batch;
+    the module then warns once and loops.
+
+    Other arguments: :class:`MetaLearner`.
     """
 
+    _batchable = True
+
     def __init__(
-        self,
-        model: nn.Module,
-        lam: float = 2.0,
-        inner_steps: int = 16,
-        inner_lr: float = 0.1,
-        inner_optimizer: str = "gd_armijo",
-        cg_steps: int = 5,
-        cg_damping: float = 0.0,
-        batched_tasks: bool | None = None,
-        eval_inner_steps: int | None = None,
-        eval_inner_lr: float | None = None,
-        eval_lam: float | None = None,
-        eval_inner_optimizer: str | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        task_type: str = "classification",
-        inner_optimizer_kwargs: dict[str, Any] | None = None,
-        hf_cg_steps: int = 5,
-        eval_inner_optimizer_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+        self, model: nn.Module, lam: float = 2.0, inner_steps: int = 16, inner_lr: float = 0.1,
+        inner_optimizer: str = "gd_armijo", cg_steps: int = 5, cg_damping: float = 0.0,
+        batched_tasks: bool | None = None, batched_chunk_size: int | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
         _check(lam > 0, f"IMAML needs lam > 0 (the proximal strength), got lam={lam!r}")
         _check_int("cg_steps", cg_steps, 1)
         _check(cg_damping >= 0, f"cg_damping must be >= 0, got {cg_damping!r}")
+        if batched_chunk_size is not None:
+            _check_int("batched_chunk_size", batched_chunk_size, 1)
         super().__init__(
             model,
+            lam=lam,
             inner_steps=inner_steps,
             inner_lr=inner_lr,
-            lam=lam,
             inner_optimizer=inner_optimizer,
-            eval_inner_steps=eval_inner_steps,
-            eval_inner_lr=eval_inner_lr,
-            eval_lam=eval_lam,
-            eval_inner_optimizer=eval_inner_optimizer,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            task_type=task_type,
-            inner_optimizer_kwargs=inner_optimizer_kwargs,
-            hf_cg_steps=hf_cg_steps,
-            eval_inner_optimizer_kwargs=eval_inner_optimizer_kwargs,
+            **kwargs,
         )
         self.cg_steps = cg_steps
         self.cg_damping = float(cg_damping)
         self.batched_tasks = None if batched_tasks is None else bool(batched_tasks)
+        self.batched_chunk_size = batched_chunk_size
         self._batching_ok: bool | None = None  # probed on the first batch
 
     def task_meta_gradient(self, theta, task, cast=None) -> TaskResult:
         return imaml_task_meta_gradient(
-            self.model,
-            theta,
-            task,
-            loss_fn=self.loss_fn,
-            lam=self.lam,
-            inner_steps=self.inner_steps,
-            inner_lr=self.inner_lr,
-            inner_optimizer=self.inner_optimizer,
-            cg_steps=self.cg_steps,
-            cg_damping=self.cg_damping,
-            hf_cg_steps=self.hf_cg_steps,
-            inner_optimizer_kwargs=self.inner_optimizer_kwargs,
-            cast=cast,
-        )
+            self.model, theta, task, cg_steps=self.cg_steps, cg_damping=self.cg_damping, cast=cast,
+            **self.inner_settings(),
+        )  # fmt: skip
 
-    def _use_batched(self, batch: Any) -> bool:
-        wanted = self.batched_tasks
-        if wanted is None:
-            wanted = unpack_episode(batch)[0].is_cuda
-        if not wanted:
-            return False
-        if self._batching_ok is None:
-            ok = self.inner_optimizer.lower() in BATCHED_INNER_OPTIMIZERS
-            why = f"inner_optimizer={self.inner_optimizer!r} has no batched solver"
-            if ok:
-                sx, sy, _, _ = unpack_episode(batch)
-                theta = {k: v.detach() for k, v in self.meta_parameters().items()}
-                ok, why = probe_batching(self.model, sx, sy, loss_fn=self.loss_fn, params=theta)
-            if not ok and self.batched_tasks:
-                rank_zero_warn(f"batched_tasks=True: using the per-task loop instead ({why})")
-            self._batching_ok = ok
-        return self._batching_ok
 
-    def meta_gradient(self, batch: Any, cast: ForwardCast | None = None):
-        if self._use_batched(batch):
-            try:
-                return self.batched_meta_gradient(batch, cast)
-            except BatchingUnsupported as err:
-                rank_zero_warn(f"batched_tasks: using the per-task loop instead ({err})")
-                self._batching_ok = False
-        return super().meta_gradient(batch, cast)
+class FOMAML(MetaLearner):
+    """First-order MAML: meta-gradient grad L_q(phi) at the adapted phi (inner Jacobian taken as I).
 
-    def batched_meta_gradient(self, batch: Any, cast: ForwardCast | None = None):
-        """The whole meta-batch at once under vmap; same return value as :meth:`MetaLearner.meta_gradient`."""
-        sx, sy, qx, qy = unpack_episode(batch)
-        theta = {k: v.detach() for k, v in self.meta_parameters().items()}
-        return imaml_batched_meta_gradient(
-            self.model,
-            theta,
-            (sx, sy, qx, qy),
-            loss_fn=self.loss_fn,
-            lam=self.lam,
-            inner_steps=self.inner_steps,
-            inner_lr=self.inner_lr,
-            inner_optimizer=self.inner_optimizer,
-            cg_steps=self.cg_steps,
-            cg_damping=self.cg_damping,
-            inner_optimizer_kwargs=self.inner_optimizer_kwargs,
-            cast=cast,
-        )
+    phi comes from the same proximal inner solver as iMAML (``inner_optimizer``, default "gd", lam default
+    0), with no graph kept, so memory is flat in ``inner_steps``. Other arguments: :class:`MetaLearner`.
+    """
+
+    def __init__(
+        self, model: nn.Module, lam: float = 0.0, inner_steps: int = 1, inner_lr: float = 0.4, **kwargs: Any
+    ) -> None:
+        super().__init__(model, lam=lam, inner_steps=inner_steps, inner_lr=inner_lr, **kwargs)
+
+    def task_meta_gradient(self, theta, task, cast=None) -> TaskResult:
+        return fomaml_task_meta_gradient(self.model, theta, task, cast=cast, **self.inner_settings())
 
 
 class MAML(MetaLearner):
@@ -669,111 +663,28 @@ class MAML(MetaLearner):
     phi_{t+1} = phi_t - inner_lr (grad L_s(phi_t) + lam (phi_t - theta)), t < inner_steps, from phi_0 = theta;
     meta-gradient d L_q(phi_T)/d theta with ``create_graph=True`` (memory grows with ``inner_steps``).
     ``lam = 0`` (default) is plain MAML; with lam > 0 and a converging inner loop the meta-gradient
-    tends to iMAML's implicit one. The inner loop is plain gradient descent ("gd"); evaluation may use any
-    ``eval_inner_optimizer``.
+    tends to iMAML's implicit one. The inner loop is plain gradient descent ("gd"), so the training solver's
+    options (``inner_optimizer``, ``inner_optimizer_kwargs``, ``hf_cg_steps``) are not taken; evaluation
+    may use any ``eval_inner_optimizer``. Other arguments: :class:`MetaLearner`.
     """
 
     first_order = False
 
     def __init__(
-        self,
-        model: nn.Module,
-        lam: float = 0.0,
-        inner_steps: int = 1,
-        inner_lr: float = 0.4,
-        eval_inner_steps: int | None = None,
-        eval_inner_lr: float | None = None,
-        eval_lam: float | None = None,
-        eval_inner_optimizer: str | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        task_type: str = "classification",
-        eval_inner_optimizer_kwargs: dict[str, Any] | None = None,
+        self, model: nn.Module, lam: float = 0.0, inner_steps: int = 1, inner_lr: float = 0.4, **kwargs: Any
     ) -> None:
-        super().__init__(
-            model,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            lam=lam,
-            inner_optimizer="gd",
-            eval_inner_optimizer_kwargs=eval_inner_optimizer_kwargs,
-            eval_inner_steps=eval_inner_steps,
-            eval_inner_lr=eval_inner_lr,
-            eval_lam=eval_lam,
-            eval_inner_optimizer=eval_inner_optimizer,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            task_type=task_type,
+        # LightningCLI fills every inherited argument with its default: reject only a real other solver
+        fixed = kwargs.get("inner_optimizer", "gd") != "gd" or bool(kwargs.get("inner_optimizer_kwargs"))
+        _check(
+            not fixed,
+            f"MAML differentiates through plain GD steps: inner_optimizer={kwargs.get('inner_optimizer')!r} "
+            f"with options {kwargs.get('inner_optimizer_kwargs')} is not possible; use FOMAML or IMAML for "
+            "another inner solver (eval_inner_optimizer sets the one used at validation / test)",
         )
+        super().__init__(model, lam=lam, inner_steps=inner_steps, inner_lr=inner_lr, **kwargs)
 
     def task_meta_gradient(self, theta, task, cast=None) -> TaskResult:
         return maml_task_meta_gradient(
-            self.model,
-            theta,
-            task,
-            loss_fn=self.loss_fn,
-            lam=self.lam,
-            inner_steps=self.inner_steps,
-            inner_lr=self.inner_lr,
-            first_order=self.first_order,
-            cast=cast,
-        )
-
-
-class FOMAML(MetaLearner):
-    """First-order MAML: meta-gradient grad L_q(phi) at the adapted phi (inner Jacobian taken as I).
-
-    phi comes from the same proximal inner solver as iMAML (``inner_optimizer``, default "gd", lam default
-    0), with no graph kept, so memory is flat in ``inner_steps``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        lam: float = 0.0,
-        inner_steps: int = 1,
-        inner_lr: float = 0.4,
-        inner_optimizer: str = "gd",
-        eval_inner_steps: int | None = None,
-        eval_inner_lr: float | None = None,
-        eval_lam: float | None = None,
-        eval_inner_optimizer: str | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        task_type: str = "classification",
-        inner_optimizer_kwargs: dict[str, Any] | None = None,
-        hf_cg_steps: int = 5,
-        eval_inner_optimizer_kwargs: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            model,
-            inner_steps=inner_steps,
-            inner_lr=inner_lr,
-            lam=lam,
-            inner_optimizer=inner_optimizer,
-            eval_inner_steps=eval_inner_steps,
-            eval_inner_lr=eval_inner_lr,
-            eval_lam=eval_lam,
-            eval_inner_optimizer=eval_inner_optimizer,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            task_type=task_type,
-            inner_optimizer_kwargs=inner_optimizer_kwargs,
-            hf_cg_steps=hf_cg_steps,
-            eval_inner_optimizer_kwargs=eval_inner_optimizer_kwargs,
-        )
-
-    def task_meta_gradient(self, theta, task, cast=None) -> TaskResult:
-        return fomaml_task_meta_gradient(
-            self.model,
-            theta,
-            task,
-            loss_fn=self.loss_fn,
-            lam=self.lam,
-            inner_steps=self.inner_steps,
-            inner_lr=self.inner_lr,
-            inner_optimizer=self.inner_optimizer,
-            hf_cg_steps=self.hf_cg_steps,
-            inner_optimizer_kwargs=self.inner_optimizer_kwargs,
-            cast=cast,
-        )
+            self.model, theta, task, loss_fn=self.loss_fn, lam=self.lam, inner_steps=self.inner_steps,
+            inner_lr=self.inner_lr, first_order=self.first_order, cast=cast,
+        )  # fmt: skip

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .implicit import implicit_meta_gradient
+from .implicit import implicit_meta_gradient, value_and_grad
 from .inner import InnerInfo, proximal_adapt
 
 Params = dict[str, Tensor]
@@ -44,6 +44,7 @@ __all__ = [
     "ForwardCast",
     "TaskResult",
     "loss_for_task_type",
+    "mse_loss",
     "make_task_loss",
     "task_forward",
     "imaml_task_meta_gradient",
@@ -66,7 +67,7 @@ class TaskResult(NamedTuple):
 
     grad: dict like theta (detached). query_loss: scalar L_q(phi) (detached). query_out: the model's
     query output at phi, e.g. logits [Q, n_way] (detached). support_loss: L_s(phi) without the proximal
-    term, scalar (detached; NaN when not computed). info: solver diagnostics (floats), e.g.
+    term, scalar (detached; NaN when not computed). info: solver diagnostics (0-d tensors), e.g.
     ``cg_steps``, ``cg_negative_curvature``, ``cg_residual``.
     """
 
@@ -77,13 +78,20 @@ class TaskResult(NamedTuple):
     info: dict[str, float]
 
 
+def mse_loss(out: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error, ``((out - target) ** 2).mean()``: the value of ``F.mse_loss``, written out because
+    the batched path's Hessian-vector products (jvp of grad under vmap) fail on ``F.mse_loss`` in torch
+    2.14.1 ("ZeroTensors are immutable")."""
+    return ((out - target) ** 2).mean()
+
+
 def loss_for_task_type(task_type: str) -> LossFn:
     """Cross-entropy for "classification" (logits [n, C], int64 targets [n]), mean squared error for
     "regression" (predictions and targets of equal shape, e.g. [n, 1])."""
     if task_type == "classification":
         return F.cross_entropy
     if task_type == "regression":
-        return F.mse_loss
+        return mse_loss
     raise ValueError(f"task_type must be 'classification' or 'regression', got {task_type!r}")
 
 
@@ -129,11 +137,13 @@ def _query_grad(
     query_loss: Callable, phi: Mapping[str, Tensor], model, qx, cast
 ) -> tuple[Params, Tensor, Tensor]:
     """grad L_q at phi (detached), the query loss and the query output."""
-    phi_leaf = _leaf_copy(phi)
-    out = task_forward(model, phi_leaf, qx, cast)
-    loss = query_loss(out)
-    grad = _grad_or_zeros(loss, phi_leaf)
-    return grad, loss.detach(), out.detach()
+
+    def loss_and_out(p):
+        out = task_forward(model, p, qx, cast)
+        return query_loss(out), out
+
+    loss, grad, out = value_and_grad(loss_and_out, phi, has_aux=True)
+    return grad, loss, out
 
 
 def adapt(
@@ -172,17 +182,28 @@ def adapt(
     )
 
 
-def inner_diagnostics(info: InnerInfo) -> dict[str, float]:
-    """Per-task floats logged by the learners: the proximal gradient norm at phi (``inner_residual``), it
-    relative to ||grad L_s(theta)|| (``inner_residual_rel``), whether G rose (``inner_rose``, 0/1) and the
-    steps taken (``inner_accepted``)."""
-    res, res0 = float(info.residual), float(info.residual0)
+def inner_diagnostics(info: InnerInfo) -> dict[str, Tensor]:
+    """Per-task 0-d tensors logged by the learners: the proximal gradient norm at phi (``inner_residual``),
+    it relative to ||grad L_s(theta)|| (``inner_residual_rel``), whether G rose (``inner_rose``, 0/1) and
+    the steps taken (``inner_accepted``)."""
+    res, res0 = info.residual, info.residual0
     return {
         "inner_residual": res,
-        "inner_residual_rel": res / res0 if res0 > 0 else 0.0,
-        "inner_rose": float(bool(info.rose)),
-        "inner_accepted": float(info.accepted),
+        "inner_residual_rel": torch.where(res0 > 0, res / torch.where(res0 > 0, res0, 1.0), 0.0),
+        "inner_rose": info.rose.to(res.dtype),
+        "inner_accepted": info.accepted.to(res.dtype),
     }
+
+
+def _adapt_and_query(model, theta, task, loss_fn, lam, steps, lr, optimizer, hf_cg_steps, options, cast):
+    """phi (by the inner solver, with its InnerInfo), then grad L_q(phi), L_q(phi) and the query output."""
+    sx, sy, qx, qy = task
+    phi, inner_info = adapt(
+        model, theta, sx, sy, loss_fn=loss_fn, lam=lam, steps=steps, lr=lr, optimizer=optimizer,
+        hf_cg_steps=hf_cg_steps, optimizer_kwargs=options, cast=cast, return_info=True,
+    )  # fmt: skip
+    qgrad, qloss, qout = _query_grad(lambda out: loss_fn(out, qy), phi, model, qx, cast)
+    return phi, inner_info, qgrad, qloss, qout
 
 
 def imaml_task_meta_gradient(
@@ -207,22 +228,10 @@ def imaml_task_meta_gradient(
     the support-loss Hessian at phi, used only through Hessian-vector products inside CG.
     """
     sx, sy, qx, qy = task
-    phi, inner_info = adapt(
-        model,
-        theta,
-        sx,
-        sy,
-        loss_fn=loss_fn,
-        lam=lam,
-        steps=inner_steps,
-        lr=inner_lr,
-        optimizer=inner_optimizer,
-        hf_cg_steps=hf_cg_steps,
-        optimizer_kwargs=inner_optimizer_kwargs,
-        cast=cast,
-        return_info=True,
-    )
-    qgrad, qloss, qout = _query_grad(lambda out: loss_fn(out, qy), phi, model, qx, cast)
+    phi, inner_info, qgrad, qloss, qout = _adapt_and_query(
+        model, theta, task, loss_fn, lam, inner_steps, inner_lr, inner_optimizer, hf_cg_steps,
+        inner_optimizer_kwargs, cast,
+    )  # fmt: skip
     support_loss = make_task_loss(model, sx, sy, loss_fn, cast)
     grad, info = implicit_meta_gradient(
         support_loss, phi, qgrad, lam=lam, cg_steps=cg_steps, cg_damping=cg_damping, return_info=True
@@ -230,9 +239,9 @@ def imaml_task_meta_gradient(
     with torch.no_grad():
         sloss = support_loss(phi).detach()
     diag = {
-        "cg_steps": float(info.steps),
-        "cg_residual": float(info.residual_norm),
-        "cg_negative_curvature": float(info.negative_curvature),
+        "cg_steps": info.steps.to(sloss.dtype),
+        "cg_residual": info.residual_norm,
+        "cg_negative_curvature": info.negative_curvature.to(sloss.dtype),
         **inner_diagnostics(inner_info),
     }
     return TaskResult({k: v.detach() for k, v in grad.items()}, qloss, qout, sloss, diag)
@@ -295,23 +304,11 @@ def fomaml_task_meta_gradient(
 
     With ``inner_optimizer="gd"`` phi is exactly MAML's phi_T.
     """
-    sx, sy, qx, qy = task
-    phi, inner_info = adapt(
-        model,
-        theta,
-        sx,
-        sy,
-        loss_fn=loss_fn,
-        lam=lam,
-        steps=inner_steps,
-        lr=inner_lr,
-        optimizer=inner_optimizer,
-        hf_cg_steps=hf_cg_steps,
-        optimizer_kwargs=inner_optimizer_kwargs,
-        cast=cast,
-        return_info=True,
-    )
-    grad, qloss, qout = _query_grad(lambda out: loss_fn(out, qy), phi, model, qx, cast)
+    sx, sy, _, _ = task
+    phi, inner_info, grad, qloss, qout = _adapt_and_query(
+        model, theta, task, loss_fn, lam, inner_steps, inner_lr, inner_optimizer, hf_cg_steps,
+        inner_optimizer_kwargs, cast,
+    )  # fmt: skip
     with torch.no_grad():
         sloss = make_task_loss(model, sx, sy, loss_fn, cast)(phi).detach()
     return TaskResult(grad, qloss, qout, sloss, inner_diagnostics(inner_info))

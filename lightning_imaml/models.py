@@ -49,6 +49,29 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _conv4(n_way, in_channels, hidden, stride, pad_after, pool, features) -> OrderedDict:
+    """4 x [Conv2d 3x3 (``stride``, padding 1) -> BatchNorm2d (batch statistics) -> ReLU (-> MaxPool2d(2))],
+    a ZeroPad2d((0, 1, 0, 1)) after block ``pad_after``, then Flatten and Linear(features * hidden, n_way)."""
+    _check_positive_int("n_way", n_way)
+    _check_positive_int("in_channels", in_channels)
+    _check_positive_int("hidden", hidden)
+    layers: list[tuple[str, nn.Module]] = []
+    channels = in_channels
+    for i in range(1, 5):
+        layers += [
+            (f"conv{i}", nn.Conv2d(channels, hidden, kernel_size=3, stride=stride, padding=1)),
+            (f"bn{i}", nn.BatchNorm2d(hidden, track_running_stats=False)),
+            (f"relu{i}", nn.ReLU()),
+        ]
+        if pool:
+            layers.append((f"pool{i}", nn.MaxPool2d(2)))
+        if i == pad_after:
+            layers.append((f"pad{i}", nn.ZeroPad2d((0, 1, 0, 1))))
+        channels = hidden
+    layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(features * hidden, n_way))]
+    return OrderedDict(layers)
+
+
 class OmniglotConv4(nn.Sequential):
     """The iMAML paper's Omniglot network, layer for layer as in the official code.
 
@@ -71,22 +94,9 @@ class OmniglotConv4(nn.Sequential):
     def __init__(
         self, n_way: int = 5, in_channels: int = 1, hidden: int = 64, head_init: str = "zero"
     ) -> None:
-        _check_positive_int("n_way", n_way)
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("hidden", hidden)
-        layers: list[tuple[str, nn.Module]] = []
-        channels = in_channels
-        for i in range(1, 5):
-            layers += [
-                (f"conv{i}", nn.Conv2d(channels, hidden, kernel_size=3, stride=2, padding=1)),
-                (f"bn{i}", nn.BatchNorm2d(hidden, track_running_stats=False)),
-                (f"relu{i}", nn.ReLU()),
-            ]
-            if i == 2:
-                layers.append(("pad2", nn.ZeroPad2d((0, 1, 0, 1))))
-            channels = hidden
-        layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(2 * 2 * hidden, n_way))]
-        super().__init__(OrderedDict(layers))
+        super().__init__(
+            _conv4(n_way, in_channels, hidden, stride=2, pad_after=2, pool=False, features=2 * 2)
+        )
         self.n_way = n_way
         paper_init_(self)
         init_head_(self.fc, head_init)
@@ -109,21 +119,9 @@ class MiniImageNetConv4(nn.Sequential):
     def __init__(
         self, n_way: int = 5, in_channels: int = 3, hidden: int = 32, head_init: str = "zero"
     ) -> None:
-        _check_positive_int("n_way", n_way)
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("hidden", hidden)
-        layers: list[tuple[str, nn.Module]] = []
-        channels = in_channels
-        for i in range(1, 5):
-            layers += [
-                (f"conv{i}", nn.Conv2d(channels, hidden, kernel_size=3, padding=1)),
-                (f"bn{i}", nn.BatchNorm2d(hidden, track_running_stats=False)),
-                (f"relu{i}", nn.ReLU()),
-                (f"pool{i}", nn.MaxPool2d(2)),
-            ]
-            channels = hidden
-        layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(5 * 5 * hidden, n_way))]
-        super().__init__(OrderedDict(layers))
+        super().__init__(
+            _conv4(n_way, in_channels, hidden, stride=1, pad_after=None, pool=True, features=5 * 5)
+        )
         self.n_way = n_way
         paper_init_(self)
         init_head_(self.fc, head_init)

@@ -28,6 +28,7 @@ __all__ = [
     "tree_zeros_like",
     "tree_detach",
     "tree_clone",
+    "tree_where",
     "flatten",
     "unflatten",
     "check_same_structure",
@@ -92,6 +93,11 @@ def tree_detach(a: Tree) -> Tree:
 def tree_clone(a: Tree) -> Tree:
     """Leafwise ``detach().clone()``: a fresh copy with no history."""
     return tree_map(lambda t: t.detach().clone(), a)
+
+
+def tree_where(cond: Tensor, a: Tree, b: Tree) -> Tree:
+    """``torch.where(cond, a, b)`` leafwise; ``cond`` a bool scalar (or a per-task [T] mask under vmap)."""
+    return tree_map(lambda x, y: torch.where(cond, x, y), a, b)
 
 
 def flatten(a: Tree) -> Tensor:

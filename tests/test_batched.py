@@ -1,61 +1,48 @@
-"""Batched-task engine (lightning_imaml.batched) against the per-task loop.
+"""The batched path (lightning_imaml.batched): the engine's per-task functions under torch.func.vmap against
+the same functions called task by task.
 
-Reference: the looped path, i.e. ``inner.proximal_adapt`` + ``implicit.implicit_meta_gradient`` per task,
-then the mean over tasks. Whole meta-gradients are compared by a global relative norm (conv biases before
-BatchNorm have a true gradient of zero, so a per-tensor comparison would compare rounding noise).
+Reference: the per-task loop, i.e. ``IMAML.meta_gradient`` with ``batched_tasks=False`` (each task through
+``metagrad.imaml_task_meta_gradient`` with torch.autograd derivatives), then the mean over tasks. Whole
+meta-gradients are compared by a global relative norm (conv biases before BatchNorm have a true gradient of
+zero, so a per-tensor comparison would compare rounding noise). Every comparison checks first that the tasks
+took different numbers of accepted inner steps and / or CG steps, so that the per-task masks matter.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
+from lightning_imaml import IMAML
 from lightning_imaml.batched import (
     BATCHED_INNER_OPTIMIZERS,
     BatchingUnsupported,
-    batched_conjugate_gradient,
     batched_forward,
-    batched_implicit_meta_gradient,
     batched_proximal_adapt,
-    broadcast_params,
+    imaml_batched_meta_gradient,
     probe_batching,
 )
-from lightning_imaml.implicit import conjugate_gradient, implicit_meta_gradient
-from lightning_imaml.inner import proximal_adapt
+from lightning_imaml.implicit import conjugate_gradient
+from lightning_imaml.inner import OPTIMIZERS, proximal_adapt
+from lightning_imaml.metagrad import make_task_loss, mse_loss
 from lightning_imaml.models import OmniglotConv4
 
-ADAPT = proximal_adapt
-
+# per solver: (inner steps, largest / fixed step, options); chosen so that tasks differ in accepted steps
 SOLVERS = {
-    "gd_armijo": {},
-    "gd": {},
-    "sgd": {"momentum": 0.9},
-    "adam": {"betas": (0.9, 0.99)},
+    "gd_armijo": (6, 1.0, {}),
+    "gd": (4, 0.3, {}),
+    "sgd": (4, 0.2, {"momentum": 0.9, "nesterov": True}),
+    "adam": (4, 0.05, {"betas": (0.8, 0.9), "amsgrad": True}),
+    "lbfgs": (6, 1.0, {"history_size": 3}),
+    "hf": (3, 1.0, {}),
 }
-
-
-def looped_meta_gradient(model, theta, batch, loss_fn, lam, inner_steps, inner_lr, optimizer, cg_steps, **kw):
-    sx, sy, qx, qy = batch
-    xs, infos = [], []
-    for t in range(sx.shape[0]):
-
-        def support_loss(p, t=t):
-            return loss_fn(functional_call(model, p, (sx[t],)), sy[t])
-
-        phi = ADAPT(support_loss, theta, lam=lam, steps=inner_steps, optimizer=optimizer, lr=inner_lr, **kw)
-        p = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-        q = loss_fn(functional_call(model, p, (qx[t],)), qy[t])
-        g = dict(zip(p, torch.autograd.grad(q, list(p.values())), strict=False))
-        x, info = implicit_meta_gradient(support_loss, phi, g, lam=lam, cg_steps=cg_steps, return_info=True)
-        xs.append(x)
-        infos.append(info)
-    mean = {k: torch.stack([x[k] for x in xs]).mean(0) for k in theta}
-    return mean, infos
 
 
 def rel_err(a, b):
@@ -64,55 +51,52 @@ def rel_err(a, b):
     return num / den
 
 
-class TanhMLP(nn.Sequential):
+class TinyCNN(nn.Sequential):
+    """Conv(1->4, 3x3, stride 2) - BatchNorm (batch statistics) - ReLU - Linear(36 -> 5): 199 parameters."""
+
     def __init__(self):
-        super().__init__(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+        super().__init__(
+            nn.Conv2d(1, 4, 3, stride=2, bias=False),  # a bias before BatchNorm has gradient 0: Adam would
+            # normalise its rounding noise to full steps, so batched and looped runs would part ways
+            nn.BatchNorm2d(4, track_running_stats=False),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(36, 5),
+        )
 
 
-def conv4_batch(num_tasks, dtype, seed=0, n_way=5, k_query=3):
+def tiny_batch(num_tasks=4, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    sx = torch.randn(num_tasks, n_way, 1, 28, 28, generator=g, dtype=dtype)
-    qx = torch.randn(num_tasks, n_way * k_query, 1, 28, 28, generator=g, dtype=dtype)
-    sy = torch.arange(n_way).repeat(num_tasks, 1)
-    qy = torch.arange(n_way).repeat(num_tasks, k_query)
+    scale = torch.linspace(0.3, 3.0, num_tasks, dtype=dtype)[:, None, None, None, None]  # unlike tasks
+    sx = scale * torch.randn(num_tasks, 5, 1, 8, 8, generator=g, dtype=dtype)
+    qx = scale * torch.randn(num_tasks, 10, 1, 8, 8, generator=g, dtype=dtype)
+    sy = torch.arange(5).repeat(num_tasks, 1)
+    qy = torch.arange(5).repeat(num_tasks, 2)
     return sx, sy, qx, qy
-
-
-def mlp_batch(num_tasks, dtype, seed=0, k=10):
-    g = torch.Generator().manual_seed(seed)
-    amp = 0.1 + 4.9 * torch.rand(num_tasks, 1, 1, generator=g, dtype=dtype)
-    ph = math.pi * torch.rand(num_tasks, 1, 1, generator=g, dtype=dtype)
-    sx = 10 * torch.rand(num_tasks, k, 1, generator=g, dtype=dtype) - 5
-    qx = 10 * torch.rand(num_tasks, k, 1, generator=g, dtype=dtype) - 5
-    return sx, amp * torch.sin(sx + ph), qx, amp * torch.sin(qx + ph)
-
-
-def make_model(kind, dtype):
-    torch.manual_seed(0)
-    model = OmniglotConv4(5) if kind == "conv4" else TanhMLP()
-    return model.to(dtype)
 
 
 def params_of(model):
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-# ------------------------------------------------------------------------------------------- forward / probin
+# ------------------------------------------------------------------------------------------- forward / probe
 
 
 def test_vmapped_batchnorm_uses_per_task_statistics():
-    model = make_model("conv4", torch.float64)
+    torch.manual_seed(0)
+    model = OmniglotConv4(5, head_init="paper").double()
     theta = params_of(model)
-    sx, *_ = conv4_batch(3, torch.float64)
+    sx, *_ = tiny_batch(3)
+    sx = torch.randn(3, 5, 1, 28, 28, dtype=torch.float64)
     sx[1] = 10 * sx[1] + 3  # very different batch statistics per task
-    out = batched_forward(model, broadcast_params(theta, 3), sx)
+    out = batched_forward(model, {k: v.expand(3, *v.shape) for k, v in theta.items()}, sx)
     for t in range(3):
-        ref = functional_call(model, theta, (sx[t],))
-        torch.testing.assert_close(out[t], ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[t], functional_call(model, theta, (sx[t],)), rtol=1e-12, atol=1e-12)
 
 
 def test_probe_accepts_conv4_and_rejects_what_vmap_cannot_do():
-    sx, sy, _, _ = conv4_batch(2, torch.float32)
+    sx = torch.randn(2, 5, 1, 28, 28)
+    sy = torch.arange(5).repeat(2, 1)
     assert probe_batching(OmniglotConv4(5), sx, sy) == (True, "ok")
 
     running = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
@@ -131,25 +115,25 @@ def test_probe_accepts_conv4_and_rejects_what_vmap_cannot_do():
 
     ok, why = probe_batching(DataDependent(), sx, sy)
     assert not ok, why
+    # torch.func cannot take jvp-of-grad through F.mse_loss (torch 2.14.1); the written-out MSE it can
+    mlp = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(2, 5, 1), torch.randn(2, 5, 1)
+    assert not probe_batching(mlp, x, y, loss_fn=F.mse_loss)[0]
+    assert probe_batching(mlp, x, y, loss_fn=mse_loss) == (True, "ok")
 
 
-def test_unbatched_optimizers_raise():
-    model = make_model("mlp", torch.float64)
-    sx, sy, _, _ = mlp_batch(2, torch.float64)
-    for opt in ("lbfgs", "hf"):
-        assert opt not in BATCHED_INNER_OPTIMIZERS
-        with pytest.raises(BatchingUnsupported):
-            batched_proximal_adapt(model, params_of(model), sx, sy, 1.0, 2, opt, loss_fn=F.mse_loss)
-    with pytest.raises(BatchingUnsupported):
-        batched_proximal_adapt(
-            model, params_of(model), sx, sy, 1.0, 2, "adam", loss_fn=F.mse_loss, amsgrad=True
-        )
+def test_every_named_solver_is_batched_and_the_rest_says_so():
+    assert set(BATCHED_INNER_OPTIMIZERS) == set(OPTIMIZERS)
+    model = TinyCNN().double()
+    sx, sy, *_ = tiny_batch(2)
+    with pytest.raises(BatchingUnsupported, match="'rmsprop' is not one of"):
+        batched_proximal_adapt(model, params_of(model), sx, sy, 1.0, 2, "rmsprop")
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------- CG
 
 
-def test_batched_cg_equals_per_task_cg_with_masking_and_truncation():
+def test_vmapped_cg_equals_per_task_cg_with_masking_and_truncation():
     torch.manual_seed(0)
     n, T = 12, 5
     mats = []
@@ -163,163 +147,177 @@ def test_batched_cg_equals_per_task_cg_with_masking_and_truncation():
             ev = -torch.linspace(1.0, 2.0, n, dtype=torch.float64)
         mats.append(q @ torch.diag(ev) @ q.T)
     A = torch.stack(mats)
-    b = {"w": torch.randn(T, n, dtype=torch.float64)}
+    b = torch.randn(T, n, dtype=torch.float64)
+    calls = []
 
-    def bmv(v):
-        return {"w": torch.einsum("tij,tj->ti", A, v["w"])}
+    def per_task(a, rhs):
+        def matvec(v):
+            calls.append(1)
+            return {"w": a @ v["w"]}
 
-    x, info = batched_conjugate_gradient(bmv, b, max_steps=n)
+        return conjugate_gradient(matvec, {"w": rhs}, max_steps=n)
+
+    x, info = vmap(per_task)(A, b)
+    assert len(calls) == n  # under vmap every lane runs the fixed count, finished lanes masked
     for t in range(T):
-        xt, it = conjugate_gradient(lambda v, t=t: {"w": A[t] @ v["w"]}, {"w": b["w"][t]}, max_steps=n)
+        calls.clear()
+        xt, it = per_task(A[t], b[t])
+        assert len(calls) <= n  # the loop may stop early; the numbers are the same
         torch.testing.assert_close(x["w"][t], xt["w"], rtol=1e-12, atol=1e-12)
-        assert int(info.steps[t]) == it.steps
-        assert bool(info.negative_curvature[t]) == it.negative_curvature
-        assert bool(info.converged[t]) == it.converged
+        assert int(info.steps[t]) == int(it.steps)
+        assert bool(info.negative_curvature[t]) == bool(it.negative_curvature)
+        assert bool(info.converged[t]) == bool(it.converged)
         assert math.isclose(
-            float(info.residual_norm[t]),
-            it.residual_norm,
-            rel_tol=1e-9,
-            abs_tol=1e-12 * float(b["w"][t].norm()),
+            float(info.residual_norm[t]), float(it.residual_norm), rel_tol=1e-9, abs_tol=1e-12
         )
     assert info.steps[:3].tolist() == [2, 3, 4]  # converged tasks stopped (masked) at different steps
     assert info.converged[:3].all() and not info.converged[3:].any()
     assert info.negative_curvature[3:].all()
-    torch.testing.assert_close(x["w"][4], b["w"][4])  # step-1 truncation returns b, as the looped CG
+    torch.testing.assert_close(x["w"][4], b[4])  # step-1 truncation returns b, as in the loop
     for t in range(3):
-        torch.testing.assert_close(A[t] @ x["w"][t], b["w"][t], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(A[t] @ x["w"][t], b[t], rtol=1e-10, atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------------ meta-gradient
 
 
-def _dense_min_eig_mlp(model, theta, phi_t, sx, sy):
-    flat = torch.cat([v.reshape(-1) for v in phi_t.values()])
-    shapes = [(k, v.shape, v.numel()) for k, v in phi_t.items()]
-
-    def f(vec):
-        p, i = {}, 0
-        for k, s, n in shapes:
-            p[k] = vec[i : i + n].reshape(s)
-            i += n
-        return F.mse_loss(functional_call(model, p, (sx,)), sy)
-
-    return torch.linalg.eigvalsh(torch.func.hessian(f)(flat)).min().item()
-
-
-@pytest.mark.parametrize("optimizer", list(BATCHED_INNER_OPTIMIZERS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_mlp_batched_meta_gradient_equals_looped(optimizer, dtype):
-    model = make_model("mlp", dtype)
-    theta = params_of(model)
-    batch = mlp_batch(4, dtype)
-    lam, lr = 5.0, {"gd": 0.05, "gd_armijo": 0.3}.get(optimizer, 0.02)
-    kw = SOLVERS[optimizer]
-    res = batched_implicit_meta_gradient(
-        model,
-        theta,
-        *batch,
-        lam=lam,
-        inner_steps=8,
-        inner_lr=lr,
-        inner_optimizer=optimizer,
-        cg_steps=10,
-        loss_fn=F.mse_loss,
-        **kw,
-    )
-    ref, infos = looped_meta_gradient(model, theta, batch, F.mse_loss, lam, 8, lr, optimizer, 10, **kw)
-    # I + H/lam positive definite on every task (dense eigen check), so the comparison is well posed
-    for t in range(4):
-        phi_t = {k: v[t] for k, v in res.phi.items()}
-        assert 1 + _dense_min_eig_mlp(model, theta, phi_t, batch[0][t], batch[1][t]) / lam > 0.05
-    assert not res.cg_info.negative_curvature.any() and not any(i.negative_curvature for i in infos)
-    assert res.cg_info.steps.tolist() == [i.steps for i in infos]
-    err = rel_err(res.grad, ref)
-    print(f"mlp {optimizer} {dtype}: rel err {err:.2e}")
-    assert err < (1e-5 if dtype == torch.float32 else 1e-10)
-
-
-@pytest.mark.parametrize(
-    "optimizer,dtype",
-    [("gd", torch.float32), ("sgd", torch.float32), ("adam", torch.float32), ("gd", torch.float64)],
-    ids=["gd-f32", "sgd-f32", "adam-f32", "gd-f64"],
-)
-def test_conv4_batched_meta_gradient_equals_looped(optimizer, dtype):
-    model = make_model("conv4", dtype)
-    theta = params_of(model)
-    batch = conv4_batch(3 if dtype == torch.float32 else 2, dtype)
-    lam = 20.0  # large lam: I + H/lam PD at the init (conv4 eigenvalues reach about -6); checked via CG below
-    lr = 0.05 if optimizer == "gd" else 0.001
-    kw = SOLVERS[optimizer]
-    res = batched_implicit_meta_gradient(
-        model, theta, *batch, lam=lam, inner_steps=3, inner_lr=lr, inner_optimizer=optimizer, cg_steps=4, **kw
-    )
-    ref, infos = looped_meta_gradient(model, theta, batch, F.cross_entropy, lam, 3, lr, optimizer, 4, **kw)
-    assert not res.cg_info.negative_curvature.any() and not any(i.negative_curvature for i in infos)
-    err = rel_err(res.grad, ref)
-    print(f"conv4 {optimizer} {dtype}: rel err {err:.2e}")
-    assert err < (1e-5 if dtype == torch.float32 else 1e-10)
-    n = batch[0].shape[0]
-    assert res.query_acc.shape == (n,) and res.query_loss.shape == (n,) and res.support_loss.shape == (n,)
-
-
-@pytest.mark.parametrize("hvp", ["double_backward"])
-def test_other_hvp_modes_agree(hvp):
-    model = make_model("mlp", torch.float64)
-    theta = params_of(model)
-    batch = mlp_batch(3, torch.float64)
-    kw = dict(lam=1.0, inner_steps=4, inner_lr=0.05, cg_steps=6, loss_fn=F.mse_loss)
-    a = batched_implicit_meta_gradient(model, theta, *batch, **kw)
-    b = batched_implicit_meta_gradient(model, theta, *batch, hvp=hvp, **kw)
-    assert rel_err(b.grad, a.grad) < 1e-10
-
-
-def test_indefinite_float32_gap_is_reported():
-    """Small lam (0.05) on Conv4 near init: I + H/lam badly conditioned / possibly indefinite. Float32 batched
-    vs looped may then differ by more than rounding (CG amplifies it); measure and report the gap (printed,
-    run with -s), only require finiteness and a loose bound. Measured: 8.6e-6 here (5 CG steps, no truncation
-    detected); 2.8e-4 in benchmarks/batched_speed.py (lam 2, 16 inner steps, 32 tasks)."""
-    model = make_model("conv4", torch.float32)
-    theta = params_of(model)
-    batch = conv4_batch(3, torch.float32, seed=1)
-    kw = dict(lam=0.05, inner_steps=1, inner_lr=0.1, cg_steps=5, inner_optimizer="gd")
-    res = batched_implicit_meta_gradient(model, theta, *batch, **kw)
-    ref, infos = looped_meta_gradient(model, theta, batch, F.cross_entropy, 0.05, 1, 0.1, "gd", 5)
-    err = rel_err(res.grad, ref)
-    print(
-        f"indefinite f32 gap: rel err {err:.2e}; batched neg-curv {res.cg_info.negative_curvature.tolist()} "
-        f"steps {res.cg_info.steps.tolist()}; looped neg-curv {[i.negative_curvature for i in infos]} "
-        f"steps {[i.steps for i in infos]}"
-    )
-    assert all(torch.isfinite(v).all() for v in res.grad.values())
-    assert err < 0.5
-
-
-def test_imaml_module_batched_switch_matches_loop_and_falls_back():
-    """IMAML(batched_tasks=True) gives the loop's meta-gradient; unsupported settings loop with a warning."""
-    from lightning_imaml import IMAML
-
-    torch.manual_seed(0)
-    batch = conv4_batch(3, torch.float32)
-    kw = dict(lam=20.0, inner_steps=3, inner_lr=0.05, cg_steps=4)
-    looped = IMAML(make_model("conv4", torch.float32), batched_tasks=False, **kw)
-    batched = IMAML(looped.model, batched_tasks=True, **kw)
-    auto = IMAML(looped.model, **kw)  # None: batched on CUDA only
+def _looped_and_batched(model, batch, optimizer, lam, cg_steps, chunk_size=None, **extra):
+    steps, lr, options = SOLVERS[optimizer]
+    kw = dict(
+        lam=lam, inner_steps=steps, inner_lr=lr, inner_optimizer=optimizer, cg_steps=cg_steps,
+        inner_optimizer_kwargs=options,
+    )  # fmt: skip
+    kw.update(extra)
+    looped = IMAML(model, batched_tasks=False, **kw)
+    batched = IMAML(model, batched_tasks=True, batched_chunk_size=chunk_size, **kw)
     g_loop, m_loop = looped.meta_gradient(batch)
     g_batch, m_batch = batched.meta_gradient(batch)
-    assert batched._batching_ok is True and not auto._use_batched(batch)
-    assert rel_err(g_batch, g_loop) < 1e-5
-    assert set(m_batch) >= {"query_loss", "support_loss", "query_acc"}
-    assert torch.allclose(m_batch["query_loss"], m_loop["query_loss"], rtol=1e-5, atol=1e-6)
+    assert batched._batching_ok is True
+    return (g_loop, m_loop), (g_batch, m_batch)
 
-    hf = IMAML(
-        looped.model,
-        batched_tasks=True,
-        inner_optimizer="hf",
-        inner_lr=1.0,
-        lam=20.0,
-        inner_steps=2,
-        cg_steps=4,
+
+@pytest.mark.parametrize("optimizer", list(SOLVERS))
+def test_every_solver_batched_equals_looped_float64_with_masks_exercised(optimizer):
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    batch = tiny_batch(4)
+    (g_loop, m_loop), (g_batch, m_batch) = _looped_and_batched(model, batch, optimizer, lam=0.2, cg_steps=8)
+    # the masks matter: tasks took different numbers of inner steps and / or CG steps (or truncated)
+    varied = {k: len(set(m_loop[k].tolist())) > 1 for k in ("inner_accepted", "cg_steps")}
+    assert any(varied.values()), {k: m_loop[k].tolist() for k in ("inner_accepted", "cg_steps")}
+    for key in m_loop:
+        torch.testing.assert_close(m_batch[key], m_loop[key], rtol=1e-9, atol=1e-12, msg=key)
+    err = rel_err(g_batch, g_loop)
+    print(f"{optimizer}: batched vs looped rel err {err:.1e}; {m_loop['inner_accepted'].tolist()} accepted, "
+          f"{m_loop['cg_steps'].tolist()} CG steps")  # fmt: skip
+    assert err < 1e-10
+
+
+def test_chunked_vmap_gives_the_same_result():
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    batch = tiny_batch(5)
+    (g_loop, _), (g_chunk, _) = _looped_and_batched(
+        model, batch, "gd_armijo", lam=1.0, cg_steps=4, chunk_size=2
     )
+    assert rel_err(g_chunk, g_loop) < 1e-10
+
+
+ROOT = os.environ.get("IMAML_OMNIGLOT_ROOT") or str(
+    Path(__file__).resolve().parents[2] / "shared" / "omniglot"
+)
+needs_omniglot = pytest.mark.skipif(
+    not (Path(ROOT) / "omniglot-py" / "images_background").is_dir(), reason="Omniglot not found"
+)
+
+
+def _omniglot_batch():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from inner_stability import probe_tasks
+
+    tasks = probe_tasks(3, seed=3)
+    sx = torch.stack([t[0] for t in tasks])
+    sy = torch.stack([t[1] for t in tasks])
+    return sx, sy, sx.clone(), sy.clone()
+
+
+@needs_omniglot
+def test_every_solver_batched_equals_looped_float32_on_omniglot():
+    """Real Omniglot tasks, Conv4 (16 channels), float32, lam 10 (I + H/lam positive definite on these
+    tasks: no CG truncation). Measured: 4.8e-7 to 1.0e-6 for the six solvers."""
+    batch = _omniglot_batch()
+    errs = {}
+    for optimizer in SOLVERS:
+        torch.manual_seed(0)
+        model = OmniglotConv4(5, hidden=16)
+        # steps within what Conv4 takes (lr 0.3 of fixed-step GD is past its stability edge here)
+        extra = {"gd": {"inner_lr": 0.1}, "sgd": {"inner_lr": 0.05}, "adam": {"inner_lr": 0.02}}.get(
+            optimizer, {}
+        )
+        (g_loop, m_loop), (g_batch, m_batch) = _looped_and_batched(
+            model, batch, optimizer, lam=10.0, cg_steps=3, **extra
+        )
+        assert not m_loop["cg_negative_curvature"].any(), optimizer
+        assert m_batch["inner_accepted"].tolist() == m_loop["inner_accepted"].tolist(), optimizer
+        assert m_batch["cg_steps"].tolist() == m_loop["cg_steps"].tolist(), optimizer
+        errs[optimizer] = rel_err(g_batch, g_loop)
+    print("float32 Omniglot batched vs looped:", {k: f"{v:.1e}" for k, v in errs.items()})
+    assert max(errs.values()) < 1e-5, errs
+
+
+@needs_omniglot
+def test_indefinite_float32_gap_is_reported():
+    """At lam 2 with the zero head, I + H/lam is indefinite on these tasks (CG truncates) and HF's Newton
+    directions come from truncated CG as well: float32 rounding differences between the vmapped and the
+    looped kernels are then amplified. Measured 1.3e-3 and 2.1e-3 (hf) -- reported, bounded at 10x."""
+    batch = _omniglot_batch()
+    torch.manual_seed(0)
+    (g_loop, m_loop), (g_batch, _) = _looped_and_batched(
+        OmniglotConv4(5, hidden=16), batch, "hf", lam=2.0, cg_steps=3
+    )
+    err = rel_err(g_batch, g_loop)
+    print(f"indefinite float32 gap (hf, lam 2): {err:.1e}; CG truncated {m_loop['cg_negative_curvature']}")
+    assert m_loop["cg_negative_curvature"].any()
+    assert all(torch.isfinite(v).all() for v in g_batch.values()) and err < 2e-2
+
+
+def test_inner_solutions_equal_per_task_proximal_adapt():
+    """batched_proximal_adapt = proximal_adapt task by task (phi and InnerInfo)."""
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    theta = params_of(model)
+    sx, sy, *_ = tiny_batch(3)
+    for optimizer, (steps, lr, options) in SOLVERS.items():
+        phi_b, info_b = batched_proximal_adapt(
+            model, theta, sx, sy, 1.0, steps, optimizer, lr, return_info=True, **options
+        )
+        for t in range(3):
+            phi, info = proximal_adapt(
+                make_task_loss(model, sx[t], sy[t], F.cross_entropy), theta, 1.0, steps, optimizer=optimizer,
+                lr=lr, return_info=True, **options,
+            )  # fmt: skip
+            assert rel_err({k: phi_b[k][t] for k in phi}, phi) < 1e-12, optimizer
+            assert float(info_b.accepted[t]) == float(info.accepted), optimizer
+            assert math.isclose(float(info_b.residual[t]), float(info.residual), rel_tol=1e-9), optimizer
+
+
+def test_imaml_batched_meta_gradient_function_and_module_fallback():
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    batch = tiny_batch(3)
+    looped = IMAML(model, lam=1.0, inner_steps=3, cg_steps=3, batched_tasks=False)
+    g_loop, _ = looped.meta_gradient(batch)
+    g, metrics = imaml_batched_meta_gradient(
+        model, params_of(model), batch, cg_steps=3, **looped.inner_settings()
+    )
+    assert rel_err(g, g_loop) < 1e-10 and metrics["query_acc"].shape == (3,)
+    auto = IMAML(model)  # None: batched on CUDA only
+    assert not auto._use_batched(batch)
+
+    running = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5))
+    fallback = IMAML(running.double(), batched_tasks=True, inner_steps=2, cg_steps=2)
     with pytest.warns(UserWarning, match="per-task loop"):
-        g_hf, _ = hf.meta_gradient(batch)
-    assert hf._batching_ok is False and all(torch.isfinite(v).all() for v in g_hf.values())
+        g_fb, _ = fallback.meta_gradient(batch)
+    assert fallback._batching_ok is False and all(torch.isfinite(v).all() for v in g_fb.values())
