@@ -87,8 +87,10 @@ def vmap_tasks(
 
 def summarise_tasks(results: TaskResult, query_y: Tensor, classification: bool) -> tuple[Params, dict]:
     """Per-task results with a leading task dimension -> ``(mean meta-gradient, per-task metrics [T])``:
-    ``query_loss``, ``support_loss``, ``query_acc`` (classification) and every solver diagnostic."""
+    ``query_loss``, ``support_loss``, ``query_acc`` (classification) and every solver diagnostic. The mean
+    dF/dlam of a learned lam is in the gradient under ``"lam:<name>"``."""
     grad = {k: v.mean(0) for k, v in results.grad.items()}
+    grad.update({f"lam:{k}": v.mean(0) for k, v in results.lam_grad.items()})
     metrics = {"query_loss": results.query_loss.float(), "support_loss": results.support_loss.float()}
     if classification:
         metrics["query_acc"] = (results.query_out.argmax(-1) == query_y).float().mean(-1)

@@ -55,6 +55,7 @@ from .metagrad import (
 __all__ = ["MetaLearner", "IMAML", "MAML", "FOMAML", "INNER_OPTIMIZERS", "unpack_episode"]
 
 INNER_OPTIMIZERS = ("gd_armijo", "gd", "sgd", "adam", "lbfgs", "hf")
+LEARN_LAM = (False, "layer", "parameter")
 TASK_TYPES = ("classification", "regression")
 
 
@@ -84,6 +85,11 @@ def unpack_episode(batch: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if b is None or any(p.dim() < 1 or p.shape[0] != b for p in parts):
         raise ValueError(f"episode tensors need the same leading task dimension B, got shapes {shapes}")
     return parts  # type: ignore[return-value]
+
+
+def _lam_key(name: str) -> str:
+    """A parameter name as a ParameterDict key (no dots allowed there)."""
+    return name.replace(".", "__")
 
 
 def _stack(values: list) -> Any:
@@ -224,6 +230,8 @@ class MetaLearner(pl.LightningModule):
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.eval_inner_lr = self.inner_lr if eval_inner_lr is None else float(eval_inner_lr)
         self.eval_lam = self.lam if eval_lam is None else float(eval_lam)
+        self._eval_lam_given = None if eval_lam is None else float(eval_lam)
+        self.log_lam: nn.ParameterDict | None = None  # IMAML(learn_lam=...) replaces it
         self.eval_inner_optimizer = inner_optimizer if eval_inner_optimizer is None else eval_inner_optimizer
         if eval_inner_optimizer_kwargs is None:
             same = self.eval_inner_optimizer == inner_optimizer
@@ -281,6 +289,25 @@ class MetaLearner(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------
     # parameters and precision
 
+    # ---- the proximal strength (IMAML can learn it; the others keep the number they were given) --------
+    def current_lam(self) -> float | dict[str, Tensor]:
+        """The training lam: the number, or (learned) a dict name -> exp(log lam), detached."""
+        if self.log_lam is None:
+            return self.lam
+        return {name: self.log_lam[_lam_key(name)].detach().exp() for name in self.meta_parameters()}
+
+    def current_eval_lam(self) -> float | dict[str, Tensor]:
+        """lam at validation / test: ``eval_lam`` when given, else the training one (learned if learned)."""
+        return self.current_lam() if self._eval_lam_given is None else self._eval_lam_given
+
+    def outer_parameters(self) -> dict[str, Tensor]:
+        """What the outer optimiser updates: theta (the model's names) and, when lam is learned, its
+        log-values (``"log_lam.<name>"``)."""
+        params = dict(self.meta_parameters())
+        if self.log_lam is not None:
+            params.update({f"log_lam.{k}": p for k, p in self.log_lam.items()})
+        return params
+
     def meta_parameters(self) -> dict[str, Tensor]:
         """theta: the model's trainable parameters, name -> tensor (the live ``nn.Parameter`` objects)."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -312,7 +339,7 @@ class MetaLearner(pl.LightningModule):
         """The training inner problem as keyword arguments of the per-task meta-gradient functions."""
         return dict(
             loss_fn=self.loss_fn,
-            lam=self.lam,
+            lam=self.current_lam(),
             inner_steps=self.inner_steps,
             inner_lr=self.inner_lr,
             inner_optimizer=self.inner_optimizer,
@@ -401,7 +428,11 @@ class MetaLearner(pl.LightningModule):
         cast, no_autocast = self._full_precision()
         with no_autocast:
             grad, metrics = self.meta_gradient(batch, cast)
-            params = self.meta_parameters()
+            params = self.outer_parameters()
+            if self.log_lam is not None:  # dF/dlog lam = lam dF/dlam
+                lam = self.current_lam()
+                for name in lam:
+                    grad[f"log_lam.{_lam_key(name)}"] = lam[name] * grad.pop(f"lam:{name}")
             opt.zero_grad()
             # d/dp sum_p <p, g_p> = g_p: lets Lightning apply the AMP scaler and the DDP all-reduce.
             surrogate = sum((p * grad[k].to(p.dtype)).sum() for k, p in params.items())
@@ -440,6 +471,9 @@ class MetaLearner(pl.LightningModule):
             if key in metrics:
                 self.log(f"train/{key}_max", metrics[key].float().max(), batch_size=bs)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=bs)
+        if self.log_lam is not None:  # the learned proximal strength per parameter tensor (mean over entries)
+            for name, value in self.current_lam().items():
+                self.log(f"train/lam/{name}", value.float().mean(), batch_size=bs)
         self._watch_inner_solves(metrics)
 
     # a meta-step's inner solves "fail" when the majority of its tasks' proximal objective rose or their
@@ -467,7 +501,13 @@ class MetaLearner(pl.LightningModule):
             )
 
     def configure_optimizers(self):
-        opt = self.optimizer_factory(list(self.meta_parameters().values()))
+        params: list = list(self.meta_parameters().values())
+        if self.log_lam is not None:  # a second parameter group, with its own lr when lam_lr is set
+            group = {"params": list(self.log_lam.values())}
+            if getattr(self, "lam_lr", None) is not None:
+                group["lr"] = self.lam_lr
+            params = [{"params": params}, group]
+        opt = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return opt
         sched = self.lr_scheduler_factory(opt)
@@ -510,7 +550,7 @@ class MetaLearner(pl.LightningModule):
             support_x,
             support_y,
             loss_fn=self.loss_fn,
-            lam=self.eval_lam,
+            lam=self.current_eval_lam(),
             steps=self.eval_inner_steps,
             lr=self.eval_inner_lr,
             optimizer=self.eval_inner_optimizer,
@@ -613,13 +653,20 @@ class IMAML(MetaLearner):
     def __init__(
         self, model: nn.Module, lam: float = 2.0, inner_steps: int = 16, inner_lr: float = 0.1,
         inner_optimizer: str = "gd_armijo", cg_steps: int = 5, cg_damping: float = 0.0,
-        batched_tasks: bool | None = None, batched_chunk_size: int | None = None, **kwargs: Any,
+        batched_tasks: bool | None = None, batched_chunk_size: int | None = None,
+        learn_lam: bool | str = False, lam_lr: float | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         _check(lam > 0, f"IMAML needs lam > 0 (the proximal strength), got lam={lam!r}")
         _check_int("cg_steps", cg_steps, 1)
         _check(cg_damping >= 0, f"cg_damping must be >= 0, got {cg_damping!r}")
         if batched_chunk_size is not None:
             _check_int("batched_chunk_size", batched_chunk_size, 1)
+        _check(
+            learn_lam in LEARN_LAM,
+            f"learn_lam must be one of {LEARN_LAM} (per parameter tensor / per scalar), got {learn_lam!r}",
+        )
+        _check(lam_lr is None or lam_lr > 0, f"lam_lr must be > 0 (or None: the outer lr), got {lam_lr!r}")
+        _check(not learn_lam or lam > 0, f"learn_lam needs an initial lam > 0, got lam={lam!r}")
         super().__init__(
             model,
             lam=lam,
@@ -633,11 +680,24 @@ class IMAML(MetaLearner):
         self.batched_tasks = None if batched_tasks is None else bool(batched_tasks)
         self.batched_chunk_size = batched_chunk_size
         self._batching_ok: bool | None = None  # probed on the first batch
+        if learn_lam:
+            # one log-lam per parameter tensor ("layer") or per scalar ("parameter"), starting at log(lam)
+            shape = {"layer": lambda p: (), "parameter": lambda p: p.shape}[learn_lam]
+            self.log_lam = nn.ParameterDict(
+                {
+                    _lam_key(n): nn.Parameter(
+                        torch.full(shape(p), math.log(lam), dtype=p.dtype, device=p.device)
+                    )
+                    for n, p in self.meta_parameters().items()
+                }
+            )
+        self.learn_lam = learn_lam or False
+        self.lam_lr = None if lam_lr is None else float(lam_lr)
 
     def task_meta_gradient(self, theta, task, cast=None) -> TaskResult:
         return imaml_task_meta_gradient(
             self.model, theta, task, cg_steps=self.cg_steps, cg_damping=self.cg_damping, cast=cast,
-            **self.inner_settings(),
+            lam_grad=self.log_lam is not None, **self.inner_settings(),
         )  # fmt: skip
 
 

@@ -75,7 +75,8 @@ class TaskResult(NamedTuple):
     query_loss: Tensor
     query_out: Tensor
     support_loss: Tensor
-    info: dict[str, float]
+    info: dict[str, Tensor]
+    lam_grad: Params = {}  # noqa: RUF012 - never mutated; d L_q / d lam per lam entry when lam is learned
 
 
 def mse_loss(out: Tensor, target: Tensor) -> Tensor:
@@ -212,7 +213,7 @@ def imaml_task_meta_gradient(
     task: tuple[Tensor, Tensor, Tensor, Tensor],
     *,
     loss_fn: LossFn,
-    lam: float,
+    lam: float | Mapping[str, Tensor],
     inner_steps: int,
     inner_lr: float,
     inner_optimizer: str = "gd_armijo",
@@ -221,11 +222,14 @@ def imaml_task_meta_gradient(
     hf_cg_steps: int = 5,
     inner_optimizer_kwargs: Mapping[str, Any] | None = None,
     cast: ForwardCast | None = None,
+    lam_grad: bool = False,
 ) -> TaskResult:
     """iMAML meta-gradient of one task: ((1 + cg_damping) I + H/lam)^{-1} grad L_q(phi).
 
     phi comes from the inner solver (detached, so memory is independent of ``inner_steps``); H is
-    the support-loss Hessian at phi, used only through Hessian-vector products inside CG.
+    the support-loss Hessian at phi, used only through Hessian-vector products inside CG. ``lam`` may be
+    per parameter (dict name -> tensor, see :func:`lightning_imaml.implicit.implicit_meta_gradient`);
+    ``lam_grad=True`` also returns dF/dlam (from the same CG solve).
     """
     sx, sy, qx, qy = task
     phi, inner_info, qgrad, qloss, qout = _adapt_and_query(
@@ -233,9 +237,10 @@ def imaml_task_meta_gradient(
         inner_optimizer_kwargs, cast,
     )  # fmt: skip
     support_loss = make_task_loss(model, sx, sy, loss_fn, cast)
-    grad, info = implicit_meta_gradient(
-        support_loss, phi, qgrad, lam=lam, cg_steps=cg_steps, cg_damping=cg_damping, return_info=True
-    )
+    grad, *extra, info = implicit_meta_gradient(
+        support_loss, phi, qgrad, lam=lam, cg_steps=cg_steps, cg_damping=cg_damping, return_info=True,
+        theta=theta, return_lam_grad=lam_grad,
+    )  # fmt: skip
     with torch.no_grad():
         sloss = support_loss(phi).detach()
     diag = {
@@ -244,7 +249,10 @@ def imaml_task_meta_gradient(
         "cg_negative_curvature": info.negative_curvature.to(sloss.dtype),
         **inner_diagnostics(inner_info),
     }
-    return TaskResult({k: v.detach() for k, v in grad.items()}, qloss, qout, sloss, diag)
+    dlam = extra[0] if extra else {}
+    if lam_grad and not isinstance(dlam, Mapping):
+        dlam = {"": dlam}  # a number lam: one entry
+    return TaskResult({k: v.detach() for k, v in grad.items()}, qloss, qout, sloss, diag, dlam)
 
 
 def maml_task_meta_gradient(
