@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-METHODS = ("imaml", "maml", "fomaml", "imaml_hf")
+METHODS = ("imaml", "maml", "fomaml", "imaml_hf", "imaml_lam")
 
 # configs/omniglot_5way1shot_*.yaml, model init_args (besides the network and the optimiser)
 SETTINGS = {
@@ -77,6 +77,21 @@ SETTINGS = {
         inner_steps=5,
         hf_cg_steps=5,
         inner_lr=1.0,
+    ),
+    # iMAML-GD with one learned lam per parameter tensor, from 2.0 (issue 13)
+    "imaml_lam": dict(
+        cls="IMAML",
+        lam=2.0,
+        learn_lam="layer",
+        cg_steps=5,
+        cg_damping=0.0,
+        inner_optimizer="gd_armijo",
+        inner_steps=16,
+        inner_lr=0.1,
+        eval_inner_steps=16,
+        eval_inner_lr=0.1,
+        eval_lam=0.0,
+        eval_inner_optimizer="gd_armijo",
     ),
     "fomaml": dict(
         cls="FOMAML",
@@ -312,6 +327,8 @@ def run_method(method: str, a, out_path: Path) -> dict:
                 "val_loss": _float(m.get("val/loss")),
                 "val_acc_pre": _float(m.get("val/acc_pre")),
             }
+            if getattr(module, "log_lam", None) is not None:
+                row["lam"] = {k: float(v.float().mean()) for k, v in module.current_lam().items()}
             self.val.append(row)
             pr = ""
             if self.tasks:
@@ -548,8 +565,20 @@ def plot(result, path):
     plt = common.pyplot()
     cfg, mach = result["config"], result["machine"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
-    colors = {"imaml": "tab:red", "imaml_hf": "tab:purple", "maml": "tab:blue", "fomaml": "tab:green"}
-    names = {"imaml": "iMAML-GD", "imaml_hf": "iMAML-HF", "maml": "MAML", "fomaml": "FOMAML"}
+    colors = {
+        "imaml": "tab:red",
+        "imaml_hf": "tab:purple",
+        "maml": "tab:blue",
+        "fomaml": "tab:green",
+        "imaml_lam": "tab:orange",
+    }
+    names = {
+        "imaml": "iMAML-GD",
+        "imaml_hf": "iMAML-HF",
+        "maml": "MAML",
+        "fomaml": "FOMAML",
+        "imaml_lam": "iMAML-GD, learned lam",
+    }
     for m, r in result["methods"].items():
         rows = [v for v in r["val_curve"] if v["val_acc"] is not None]
         lab = names.get(m, m)
@@ -571,6 +600,29 @@ def plot(result, path):
     for ax in axes:
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    plot_lam(result, Path(path).with_name(Path(path).stem + "_lam.png"))
+
+
+def plot_lam(result, path):
+    """Learned lam per parameter tensor over meta-steps, for the methods that learn it."""
+    learned = {m: r for m, r in result["methods"].items() if any("lam" in v for v in r["val_curve"])}
+    if not learned:
+        return
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for r in learned.values():
+        rows = [v for v in r["val_curve"] if "lam" in v]
+        for name in rows[0]["lam"]:
+            ax.plot([v["step"] for v in rows], [v["lam"][name] for v in rows], label=f"{name}")
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("lam (per parameter tensor)")
+    ax.set_yscale("log")
+    ax.set_title("learned proximal strength, from 2.0", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -58,7 +58,8 @@ from torch.func import functional_call  # noqa: E402
 
 NOTES = {
     "imaml": "this project's IMAML, per-task loop (reference for all ratios)",
-    "imaml_batched": "this project's IMAML, all tasks batched with torch.func.vmap (issue 7)",
+    "imaml_batched": "this project's IMAML, all tasks batched with torch.func.vmap (issues 7, 14)",
+    "imaml_learned_lam": "this project's IMAML with one learned lam per parameter tensor (issue 13)",
     "torchopt_cg": "TorchOpt ImplicitMetaGradientModule + linear_solve.solve_cg(maxiter=5): same 5-step CG "
     "on the same system as ours (see agreement)",
     "torchopt_normal_cg": "TorchOpt + linear_solve.solve_normal_cg(maxiter=5), as TorchOpt's iMAML example: "
@@ -426,6 +427,10 @@ def build_contenders(model, batch, a, wanted):
 
     add("imaml", lambda: make_module_contender("IMAML", fresh(), batch, a, batched_tasks=False))
     add("imaml_batched", lambda: make_batched_contender(fresh(), batch, a))
+    add(
+        "imaml_learned_lam",
+        lambda: make_module_contender("IMAML", fresh(), batch, a, batched_tasks=False, learn_lam="layer"),
+    )
     add("torchopt_cg", lambda: make_torchopt(fresh(), batch, a, "solve_cg"))
     add("torchopt_normal_cg", lambda: make_torchopt(fresh(), batch, a, "solve_normal_cg"))
     add("maml", lambda: make_module_contender("MAML", fresh(), batch, a))

@@ -109,7 +109,7 @@ def test_accuracy_quick(tmp_path):
     d = _run("accuracy.py", out, "--threads", "1", "--device", "cpu")
     assert d["benchmark"] == "accuracy"
     _check_machine(d["machine"])
-    assert set(d["methods"]) == {"imaml", "imaml_hf", "fomaml", "maml"}
+    assert set(d["methods"]) == {"imaml", "imaml_hf", "fomaml", "maml", "imaml_lam"}
     for m, r in d["methods"].items():
         assert isinstance(r["test_acc"], float) and 0.0 <= r["test_acc"] <= 1.0, m
         assert isinstance(r["test_acc_ci95"], float), m
