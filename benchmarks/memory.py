@@ -76,7 +76,13 @@ def run_case(method: str, n_way: int, steps: int, a) -> dict:
     if method == "IMAML":
         kw.update(lam=a.lam, cg_steps=a.cg_steps, inner_optimizer="gd", batched_tasks=False)
     elif method == "IMAML_batched":
-        kw.update(lam=a.lam, cg_steps=a.cg_steps, inner_optimizer="gd", batched_tasks=True)
+        kw.update(
+            lam=a.lam,
+            cg_steps=a.cg_steps,
+            inner_optimizer="gd",
+            batched_tasks=True,
+            batched_chunk_size=a.chunk_size,
+        )
     cls = getattr(meta, method.split("_")[0])
     module = cls(model=model, **kw).to(device)
 
@@ -95,6 +101,8 @@ def run_case(method: str, n_way: int, steps: int, a) -> dict:
             out["rss_peak_mib"] = None
     nbytes, how = common.peak_memory_bytes(lambda: module.meta_gradient(batch), device)
     out["peak_mib"] = common.mib(nbytes)
+    out["peak_mib_per_task"] = common.mib(nbytes) / a.meta_batch_size
+    out["batched"] = bool(getattr(module, "_batching_ok", False))
     out["method_of_measurement"] = how
     return out
 
@@ -111,6 +119,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", default="1,5,10,25,50,100")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of IMAML,MAML,FOMAML,IMAML_batched")
     p.add_argument("--meta-batch-size", type=int, default=1)
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="IMAML_batched: tasks per vmap call (default: all at once)",
+    )
     p.add_argument("--inner-lr", type=float, default=0.1)
     p.add_argument("--lam", type=float, default=2.0)
     p.add_argument("--cg-steps", type=int, default=5)
@@ -190,6 +204,7 @@ def main(argv=None):
             "inner_steps": steps,
             "methods": methods,
             "meta_batch_size": a.meta_batch_size,
+            "chunk_size": a.chunk_size,
             "inner_lr": a.inner_lr,
             "inner_optimizer": "gd",
             "lam_imaml": a.lam,
