@@ -8,6 +8,7 @@ _EXPORTS = {
     "OmniglotDataModule": "omniglot",
     "MiniImageNetDataModule": "mini_imagenet",
     "SinusoidDataModule": "sinusoid",
+    "L2LTaskSetDataModule": "l2l",
 }
 
 __all__ = sorted(_EXPORTS)
