@@ -241,6 +241,56 @@ def format_meta_test_table(
     return "\n".join([head, *body])
 
 
+def plot_regression_tasks(trained, untrained, datamodule, path: Path, n: int = 4) -> Path | None:
+    """PNG of ``n`` fixed test tasks of a data module whose sampler knows its true functions (sinusoid):
+    true curve, support points, the meta-trained network before (theta) and after adaptation (phi), and the
+    untrained network after the same adaptation. None when the data or matplotlib cannot do it."""
+    sampler = datamodule.sampler("test")
+    if not hasattr(sampler, "sample_with_functions") or importlib.util.find_spec("matplotlib") is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from lightning_imaml.metagrad import task_forward
+
+    fixed = datamodule.fixed_tasks("test")
+    lo, hi = getattr(datamodule, "x_range", (-5.0, 5.0))
+    grid = torch.linspace(lo, hi, 200)[:, None]
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), dpi=110, sharey=True)
+    for i, ax in enumerate(axes):
+        ep, amp, phase = sampler.sample_with_functions(fixed.generator(i), 1)
+        sx, sy = ep.support_x[0], ep.support_y[0]
+        ax.plot(grid, amp * torch.sin(grid - phase), "k", lw=1.2, label="true")
+        ax.plot(sx, sy, "k^", label="support")
+        for module, style, name in ((trained, "-", "meta-trained"), (untrained, "--", "untrained")):
+            dev = module.device
+            theta = {k: v.detach() for k, v in module.meta_parameters().items()}
+            with torch.inference_mode(False), torch.enable_grad():
+                phi = module.adapt_task(theta, sx.to(dev), sy.to(dev))
+            with torch.no_grad():
+                if module is trained:
+                    before = task_forward(module.model, theta, grid.to(dev)).cpu()
+                    ax.plot(grid, before, ":", color="tab:blue", label="meta-trained, before adaptation")
+                after = task_forward(module.model, phi, grid.to(dev)).cpu()
+            ax.plot(
+                grid,
+                after,
+                style,
+                color="tab:red" if module is trained else "tab:gray",
+                label=f"{name}, adapted",
+            )
+        ax.set_title(f"test task {i}", fontsize=9)
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _n_test_tasks(trainer: Trainer, datamodule: Any) -> int | None:
     if trainer.fast_dev_run or trainer.limit_test_batches not in (1.0, None):
         return None  # a truncated test: the count would be misleading
@@ -404,6 +454,10 @@ class MetaLearningCLI(LightningCLI):
             self._parser(self.subcommand).error(f"invalid configuration: {_clean_error(err)}")
 
     # ---- subcommand hooks --------------------------------------------------------------------------------
+    def before_fit(self) -> None:
+        # the network before meta-training: after the meta-test it is adapted the same way, for comparison
+        self._initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
     def after_fit(self) -> None:
         cfg = self.config[self.subcommand]
         if not cfg.get("test_after_fit", True) or self.trainer.interrupted:
@@ -412,6 +466,32 @@ class MetaLearningCLI(LightningCLI):
         ckpt_path = "best" if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
         self._print_table(title="Meta-test" + (" (best checkpoint)" if ckpt_path else " (final weights)"))
+        if self.model.task_type == "regression" and self.trainer.is_global_zero:
+            self._compare_with_untrained()
+
+    def _compare_with_untrained(self) -> None:
+        """Regression: the untrained network adapted the same way on the same test tasks, and a plot."""
+        import copy
+
+        trained = self.model
+        untrained = copy.deepcopy(trained)
+        untrained.load_state_dict(self._initial_state)
+        for batch in self.datamodule.test_dataloader():
+            untrained._eval_step(tuple(t.to(trained.device) for t in batch), "test")
+        base = untrained._summarise("test")
+        got = self.trainer.callback_metrics
+        print(
+            f"Untrained network, adapted the same way: query MSE {base['test/mse']:.4f} +- "
+            f"{base['test/mse_ci95']:.4f} (meta-trained: {float(got['test/mse']):.4f} +- "
+            f"{float(got['test/mse_ci95']):.4f})",
+            flush=True,
+        )
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        path = plot_regression_tasks(
+            trained, untrained, self.datamodule, Path(log_dir) / "meta_test_tasks.png"
+        )
+        if path is not None:
+            print(f"Plot of 4 test tasks (true curve, support points, predictions before/after adaptation): {path}")
 
     def after_test(self) -> None:
         self._print_table(title="Meta-test")

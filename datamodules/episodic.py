@@ -176,11 +176,14 @@ class FixedTaskSet(Dataset):
     def __len__(self) -> int:
         return self.num_tasks
 
-    def __getitem__(self, i: int) -> Episode:
+    def generator(self, i: int) -> torch.Generator:
+        """The generator task ``i`` is drawn from (a sampler may draw more about the task from it)."""
         if not 0 <= i < self.num_tasks:
             raise IndexError(i)
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, 1_000_003, self._split_code, i))
-        return Episode(*(t[0] for t in self.sampler.sample(generator, 1)))
+        return torch.Generator().manual_seed(mix_seed(self.seed, 1_000_003, self._split_code, i))
+
+    def __getitem__(self, i: int) -> Episode:
+        return Episode(*(t[0] for t in self.sampler.sample(self.generator(i), 1)))
 
 
 class EpochDataLoader(DataLoader):

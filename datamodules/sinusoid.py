@@ -29,6 +29,11 @@ class SinusoidTaskSampler:
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
 
     def sample(self, generator: torch.Generator, batch_size: int) -> Episode:
+        return self.sample_with_functions(generator, batch_size)[0]
+
+    def sample_with_functions(self, generator: torch.Generator, batch_size: int):
+        """``(episode, amplitude [B], phase [B])``: the tasks of :meth:`sample` and their true curves."""
+
         def uniform(lo_hi: tuple[float, float], *shape: int) -> torch.Tensor:
             lo, hi = lo_hi
             return torch.rand(*shape, generator=generator) * (hi - lo) + lo
@@ -37,7 +42,7 @@ class SinusoidTaskSampler:
         amp, phase = uniform(self.amplitude, b, 1, 1), uniform(self.phase, b, 1, 1)
         x = uniform(self.x_range, b, k + q, 1)
         y = amp * torch.sin(x - phase)
-        return Episode(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        return Episode(x[:, :k], y[:, :k], x[:, k:], y[:, k:]), amp.flatten(), phase.flatten()
 
 
 class SinusoidDataModule(EpisodicDataModule):

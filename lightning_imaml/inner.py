@@ -181,7 +181,8 @@ class _Solve:
     """The state every solver starts from and reports: phi = theta, G and grad G there, the running
     rise flag and accepted-step count (all per task, vmappable)."""
 
-    def __init__(self, support_loss, theta, lam, steps):
+    def __init__(self, support_loss, theta, lam, steps, track: bool = True):
+        self.track, self.steps, self.done = track, steps, 0
         self.lam = _validate(theta, lam, steps)
         self.theta = _fresh(theta)
         self.f = _prox_value_and_grad(support_loss, self.theta, self.lam)
@@ -192,9 +193,15 @@ class _Solve:
         self.accepted = torch.zeros_like(self.val)
 
     def evaluate(self):
-        """G and grad G at the current phi; records a rise against the previous value."""
+        """G and grad G at the current phi (the next step's gradient); records a rise against the previous
+        value. Without ``track`` (no InnerInfo asked for) the evaluation after the last step, which only
+        serves the report, is skipped, as is the rise check."""
+        self.done += 1
+        if not self.track and self.done >= self.steps:
+            return
         new, self.g = self.f(self.phi)
-        self.rose = self.rose | _rose(new, self.val)
+        if self.track:
+            self.rose = self.rose | _rose(new, self.val)
         self.val = new
 
     def result(self, return_info: bool):
@@ -221,7 +228,7 @@ def gd_adapt(
     ``(phi, InnerInfo)`` with ``return_info``.
     """
     _check_step(lr)
-    run = _Solve(support_loss, theta, lam, steps)
+    run = _Solve(support_loss, theta, lam, steps, track=return_info)
     for _ in range(steps):
         run.phi = tree_axpy(-lr, run.g, run.phi)
         run.evaluate()
@@ -301,7 +308,7 @@ def sgd_adapt(
     _check_step(lr)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
-    run = _Solve(support_loss, theta, lam, steps)
+    run = _Solve(support_loss, theta, lam, steps, track=return_info)
     buf = None
     for _ in range(steps):
         d = tree_axpy(weight_decay, run.phi, run.g) if weight_decay else run.g
@@ -323,7 +330,7 @@ def adam_adapt(
     per-task vmappable function. ``steps + 1`` evaluations."""
     _check_step(lr)
     beta1, beta2 = betas
-    run = _Solve(support_loss, theta, lam, steps)
+    run = _Solve(support_loss, theta, lam, steps, track=return_info)
     m = tree_map(torch.zeros_like, run.g)
     v = tree_map(torch.zeros_like, run.g)
     vmax = v
@@ -373,7 +380,7 @@ def torch_optimizer_adapt(
             f"torch_optimizer_adapt({optimizer.__name__}) updates tensors in place and cannot run under "
             "torch.func.vmap; use the per-task loop, or proximal_adapt's 'sgd' / 'adam'"
         )
-    run = _Solve(support_loss, theta, lam, steps)
+    run = _Solve(support_loss, theta, lam, steps, track=return_info)
     phi = {k: t.clone().requires_grad_(True) for k, t in run.phi.items()}
     opt = optimizer(list(phi.values()), lr=lr, **optimizer_kwargs)
     for _ in range(steps):

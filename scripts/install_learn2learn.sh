@@ -4,8 +4,12 @@
 # Its sdist ships Cython-generated C that does not compile on Python >= 3.11, so we regenerate
 # the C of its three extensions (learn2learn/data/*.pyx) with a current Cython and install the
 # folder without build isolation (the build needs the Cython and setuptools of this venv).
-# `pip install learn2learn` would pull gym/gsutil/qpth too; we install only the modules that
-# `import learn2learn` really needs at run time.
+# Only learn2learn itself comes from source (`--no-binary learn2learn`: with `:all:` pip also compiled
+# Cython from source for the build environment, most of a cold install's time); everything else comes as
+# wheels. `pip install learn2learn` would pull its declared dependencies (gsutil and its tree, qpth, cvxpy,
+# ...) that nothing here imports; installed with --no-deps, it gets only what `import learn2learn` and
+# its vision benchmarks really import: numpy, scipy, requests, tqdm, gym, pillow (torch/torchvision are
+# there already).
 set -euo pipefail
 arg="${1:?usage: install_learn2learn.sh PATH/TO/python}"
 # absolute path without resolving the venv's symlink to the base interpreter
@@ -17,13 +21,13 @@ if "$PY" -c "import learn2learn, sys; sys.exit(learn2learn.__version__ != '$VERS
     exit 0
 fi
 
-"$PY" -m pip install -q "cython>=3" setuptools wheel numpy scipy requests tqdm gym pillow
+"$PY" -m pip install -q --only-binary :all: "cython>=3" setuptools wheel numpy scipy requests tqdm gym pillow
 # `import learn2learn` imports gym, whose gym_notices add-on prints a deprecation banner to stderr
 # on every import; gym skips it silently when the add-on is absent.
 "$PY" -m pip uninstall -q -y gym-notices
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-"$PY" -m pip download -q --no-deps --no-binary :all: -d "$work" "learn2learn==$VERSION"
+"$PY" -m pip download -q --no-deps --no-build-isolation --no-binary learn2learn -d "$work" "learn2learn==$VERSION"
 tar -xzf "$work/learn2learn-$VERSION.tar.gz" -C "$work"
 src="$work/learn2learn-$VERSION"
 cython_bin="$(dirname "$PY")/cythonize"
