@@ -491,7 +491,7 @@ class MetaLearningCLI(LightningCLI):
             trained, untrained, self.datamodule, Path(log_dir) / "meta_test_tasks.png"
         )
         if path is not None:
-            print(f"Plot of 4 test tasks (true curve, support points, predictions before/after adaptation): {path}")
+            print(f"Plot of 4 test tasks (true curve, support points, before/after adaptation): {path}")
 
     def after_test(self) -> None:
         self._print_table(title="Meta-test")
