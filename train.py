@@ -47,7 +47,13 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 # Imported (not only the base classes) so that the short names work on the command line and in configs
 # (`--model MAML`, `--model.model OmniglotConv4`, `--data OmniglotDataModule`) and `--help` lists them.
-from datamodules import EpisodicDataModule, MiniImageNetDataModule, OmniglotDataModule, SinusoidDataModule  # noqa: F401
+from datamodules import (  # noqa: F401
+    EpisodicDataModule,
+    L2LTaskSetDataModule,
+    MiniImageNetDataModule,
+    OmniglotDataModule,
+    SinusoidDataModule,
+)
 from lightning_imaml import FOMAML, IMAML, MAML, MetaLearner, MiniImageNetConv4, OmniglotConv4, SinusoidMLP  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ PAPER_CONFIGS = [
     "sinusoid_imaml.yaml",
     "omniglot_5way1shot_maml.yaml",
     "omniglot_5way1shot_fomaml.yaml",
+    "l2l_mini_imagenet_5way1shot_imaml.yaml",
 ]
 
 
@@ -163,6 +164,9 @@ def test_config_smoke_fit(name, in_tmp, capsys):
         pytest.skip(f"Omniglot not found at {OMNIGLOT_ROOT} (set IMAML_OMNIGLOT_ROOT)")
     if data_cls.endswith("MiniImageNetDataModule"):
         extra = ["--data.root", str(_mini_imagenet_pickles(in_tmp / "mini"))]
+    if data_cls.endswith("L2LTaskSetDataModule"):  # learn2learn reads the same pickles (no download: present)
+        pytest.importorskip("learn2learn")
+        extra = ["--data.root", str(_mini_imagenet_pickles(in_tmp / "mini")), "--data.k_query", "1"]
     cli = train.cli_main(
         args=["fit", "--config", str(CONFIGS / name), "--trainer.fast_dev_run", "1", *_shrink(name), *extra]
     )
