@@ -21,7 +21,7 @@ if "$PY" -c "import learn2learn, sys; sys.exit(learn2learn.__version__ != '$VERS
     exit 0
 fi
 
-"$PY" -m pip install -q --only-binary :all: "cython>=3" setuptools wheel numpy scipy requests tqdm gym pillow
+"$PY" -m pip install -q --prefer-binary "cython>=3" setuptools wheel numpy scipy requests tqdm gym pillow
 # `import learn2learn` imports gym, whose gym_notices add-on prints a deprecation banner to stderr
 # on every import; gym skips it silently when the add-on is absent.
 "$PY" -m pip uninstall -q -y gym-notices
