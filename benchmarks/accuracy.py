@@ -78,21 +78,6 @@ SETTINGS = {
         hf_cg_steps=5,
         inner_lr=1.0,
     ),
-    # iMAML-GD with one learned lam per parameter tensor, from 2.0 (issue 13)
-    "imaml_lam": dict(
-        cls="IMAML",
-        lam=2.0,
-        learn_lam="layer",
-        cg_steps=5,
-        cg_damping=0.0,
-        inner_optimizer="gd_armijo",
-        inner_steps=16,
-        inner_lr=0.1,
-        eval_inner_steps=16,
-        eval_inner_lr=0.1,
-        eval_lam=0.0,
-        eval_inner_optimizer="gd_armijo",
-    ),
     "fomaml": dict(
         cls="FOMAML",
         lam=0.0,
@@ -114,6 +99,8 @@ SETTINGS = {
         eval_inner_optimizer="gd",
     ),
 }
+# iMAML-GD with one learned lam per parameter tensor, from 2.0 (issue 13)
+SETTINGS["imaml_lam"] = dict(SETTINGS["imaml"], learn_lam="layer")
 # windowed training metrics (per-step values averaged over --val-every / 5 steps)
 TRAIN_KEYS = {
     "train_loss": "train/loss",

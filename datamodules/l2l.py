@@ -119,7 +119,7 @@ class L2LTaskSetDataModule(EpisodicDataModule):
         root: learn2learn's data folder for ``benchmark``.
         train, validation, test: learn2learn ``TaskDataset`` objects (instead of ``benchmark``).
         benchmark_kwargs: further keyword arguments of ``get_tasksets`` (e.g. ``{"device": "cpu"}``).
-        n_way, k_shot, k_query, meta_batch_size, ...: see :class:`EpisodicDataModule`.
+        Remaining arguments (n_way, k_shot, k_query, meta_batch_size, ...): see :class:`EpisodicDataModule`.
     """
 
     def __init__(
@@ -130,27 +130,9 @@ class L2LTaskSetDataModule(EpisodicDataModule):
         validation: Any = None,
         test: Any = None,
         benchmark_kwargs: dict[str, Any] | None = None,
-        n_way: int = 5,
-        k_shot: int = 1,
-        k_query: int = 15,
-        meta_batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_tasks: int = 600,
-        test_tasks: int = 600,
-        eval_meta_batch_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            n_way,
-            k_shot,
-            k_query,
-            meta_batch_size,
-            num_workers,
-            seed,
-            val_tasks,
-            test_tasks,
-            eval_meta_batch_size,
-        )
+        super().__init__(**kwargs)
         given = {"train": train, "val": validation, "test": test}
         if benchmark is None and any(v is None for v in given.values()):
             missing = [_SPLIT_NAMES[k] for k, v in given.items() if v is None]
