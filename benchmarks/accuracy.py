@@ -462,7 +462,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*IterableDataset.*")
     methods = a.methods.split(",")
-    a.git = common.git_state()  # at start: later commits do not change the code this process runs
+    a.git = common.START_GIT  # at start: later commits do not change the code this process runs
     log.info("accuracy benchmark: %s (git %s)", " ".join(sys.argv), a.git)
     calibration = None
     done = [out.with_name(f"{out.stem}_{m}.json") for m in methods]
@@ -537,7 +537,6 @@ def main(argv=None):
             for m, r in per_method.items()
         },
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "git": common.git_state(),
     }
     common.write_json(out, result)
     plot(result, common.png_path(out))

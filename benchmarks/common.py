@@ -227,7 +227,21 @@ def default_out(name: str) -> Path:
 
 
 def write_json(path: str | Path, obj: dict) -> Path:
+    """Write ``obj`` as JSON (atomically), stamped with the commit the process started from (``"git"``).
+
+    Refuses (SystemExit) to overwrite a result that git tracks when the process started from a tree with
+    uncommitted changes, so that committed figures always come from committed code; set
+    ``IMAML_ALLOW_DIRTY=1`` to write anyway (the JSON then says ``"dirty": true``).
+    """
     path = Path(path)
+    if START_GIT.get("dirty") and _tracked(path) and not os.environ.get("IMAML_ALLOW_DIRTY"):
+        raise SystemExit(
+            f"refusing to overwrite the committed result {path} from a tree with uncommitted changes "
+            f"(started at {START_GIT.get('commit')}); commit first, write elsewhere with --out, or set "
+            "IMAML_ALLOW_DIRTY=1"
+        )
+    obj = dict(obj)
+    obj.setdefault("git", START_GIT)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as fh:
@@ -235,6 +249,21 @@ def write_json(path: str | Path, obj: dict) -> Path:
         fh.write("\n")
     os.replace(tmp, path)
     return path
+
+
+def _tracked(path: Path) -> bool:
+    import subprocess
+
+    try:
+        r = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(path.resolve())],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
 
 
 def _json_default(o):
@@ -270,6 +299,10 @@ def git_state() -> dict[str, Any]:
 
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+# the code a benchmark process runs is the tree it started from: later commits do not change it
+START_GIT = git_state()
 
 
 def now() -> str:

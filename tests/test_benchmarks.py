@@ -137,3 +137,24 @@ def test_accuracy_quick(tmp_path):
     d2 = _run("accuracy.py", out, "--threads", "1", "--device", "cpu", timeout=120)
     assert d2["methods"]["imaml"]["test_acc"] == d["methods"]["imaml"]["test_acc"]
     assert "exists, skipping" in out.with_suffix(".log").read_text()
+
+
+def test_results_record_their_commit_and_committed_ones_are_not_overwritten_from_a_dirty_tree(
+    tmp_path, monkeypatch
+):
+    sys.path.insert(0, str(BENCH))
+    import common
+
+    committed = ROOT / "benchmarks" / "results" / "memory.json"
+    before = committed.read_bytes()
+    monkeypatch.setattr(common, "START_GIT", {"commit": "abc", "dirty": True})
+    monkeypatch.delenv("IMAML_ALLOW_DIRTY", raising=False)
+    with pytest.raises(SystemExit, match="refusing to overwrite the committed result"):
+        common.write_json(committed, {"x": 1})
+    assert committed.read_bytes() == before
+    out = common.write_json(tmp_path / "new.json", {"x": 1})  # not committed: written, and stamped
+    assert json.loads(out.read_text())["git"] == {"commit": "abc", "dirty": True}
+    monkeypatch.setattr(common, "START_GIT", {"commit": "abc", "dirty": False})
+    assert (
+        json.loads(common.write_json(tmp_path / "clean.json", {"x": 1}).read_text())["git"]["dirty"] is False
+    )
