@@ -523,9 +523,11 @@ def test_eval_optimizer_options_explicit_and_inherited():
         learner = IMAML(
             ridge_model(d=3), lam=1.0, inner_steps=3, inner_lr=0.05, inner_optimizer=train_opt,
             inner_optimizer_kwargs=train_kw, eval_inner_optimizer=eval_opt,
-            eval_inner_optimizer_kwargs=eval_kw, eval_lam=0.0, task_type="regression",
+            eval_inner_optimizer_kwargs=eval_kw, eval_lam=0.0, eval_inner_lr=0.03, eval_inner_steps=4,
+            task_type="regression",
         )  # fmt: skip
         assert learner.eval_inner_optimizer_kwargs == used
+        assert (learner.eval_inner_lr, learner.eval_inner_steps) == (0.03, 4)
         tr = trainer()
         tr.validate(learner, dataloaders=loader([batch]), verbose=False)
         expected = _expected_val_loss(learner, batch, eval_opt or train_opt, used)
