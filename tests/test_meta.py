@@ -588,3 +588,30 @@ def test_first_order_maml_with_lam_is_the_query_gradient_at_phi_T():
     live = torch.autograd.grad(loss(f(p, qx), qy), list(th.values()))
     for k, gl in zip(th, live, strict=True):
         assert torch.allclose(gl, res.grad[k], rtol=1e-12, atol=1e-14), k
+
+
+def test_16_mixed_grad_scaler_skips_a_nan_step_on_cpu():
+    """The GradScaler branch of the NaN guard, driven on CPU with Lightning's own 16-mixed plugin and a CPU
+    GradScaler (Lightning would turn precision="16-mixed" into bf16 on CPU): the NaN step is skipped by the
+    scaler itself (its scale halves, parameters and Adam state untouched), the clean step moves."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    net = SinusoidMLP(hidden=8)
+    init = {k: v.detach().clone() for k, v in net.named_parameters()}
+    bad = list(ridge_batch(n_tasks=2, d=1, dtype=torch.float32, seed=1))
+    bad[3] = bad[3].clone()
+    bad[3][1, 0, 0] = float("nan")
+    good = ridge_batch(n_tasks=2, d=1, dtype=torch.float32, seed=2)
+    learner = IMAML(net, inner_steps=3, task_type="regression")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    rec = _Record()
+    tr = trainer(
+        max_steps=2, plugins=[MixedPrecision("16-mixed", device="cpu", scaler=scaler)], callbacks=[rec]
+    )
+    tr.fit(learner, train_dataloaders=loader([bad, good]))
+    assert scaler.get_scale() == 2.0**7  # one inf/NaN step seen by the scaler
+    assert learner.skipped_steps == 1
+    assert all(torch.equal(rec.params[0][k], init[k]) for k in init)
+    assert any(not torch.equal(rec.params[1][k], init[k]) for k in init)
+    assert {float(s["step"]) for s in tr.optimizers[0].state.values()} == {1.0}
