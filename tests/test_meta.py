@@ -615,3 +615,20 @@ def test_16_mixed_grad_scaler_skips_a_nan_step_on_cpu():
     assert all(torch.equal(rec.params[0][k], init[k]) for k in init)
     assert any(not torch.equal(rec.params[1][k], init[k]) for k in init)
     assert {float(s["step"]) for s in tr.optimizers[0].state.values()} == {1.0}
+
+
+def test_reduce_lr_on_plateau_steps_on_validation_loss_only():
+    """A ReduceLROnPlateau outer scheduler is stepped after each validation on val/loss (not per training
+    step): with a tiny outer lr (1e-6: ReduceLROnPlateau ignores changes below its eps 1e-8) the validation
+    loss cannot improve by its 1e-4 threshold, so after the first (best) validation
+    every further one halves the lr (patience 0)."""
+    batch = ridge_batch(n_tasks=2, d=1, dtype=torch.float32, seed=3)
+    learner = IMAML(
+        SinusoidMLP(hidden=8), inner_steps=2, task_type="regression",
+        optimizer=functools.partial(torch.optim.SGD, lr=1e-6),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0, factor=0.5),
+    )  # fmt: skip
+    tr = trainer(max_steps=3, val_check_interval=1, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    tr.fit(learner, train_dataloaders=loader([batch] * 3), val_dataloaders=loader([batch]))
+    # 3 validations: the first sets the best, the two others do not improve on it
+    assert tr.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-6 * 0.25)
