@@ -51,6 +51,18 @@ SCRIPT = textwrap.dedent(
                     yield tuple(torch.cat(p) for p in pairs)
 
 
+    class ValTasks(torch.utils.data.Dataset):
+        # 8 fixed validation tasks: under DDP Lightning shards them (4 per rank) with a DistributedSampler
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return tuple(t[0] for t in task_batch(100 + i, 0, self.dtype))
+
+
     class Spy(pl.Callback):
         def __init__(self):
             self.seen = []
@@ -75,6 +87,8 @@ SCRIPT = textwrap.dedent(
             callbacks=[spy],
         )
         trainer.fit(learner, train_dataloaders=DataLoader(Stream(mode, dtype), batch_size=None))
+        val_tasks = DataLoader(ValTasks(dtype), batch_size=2)
+        (val,) = trainer.validate(learner, dataloaders=val_tasks, verbose=False)
         torch.save(
             {
                 "params": {k: v.detach().clone() for k, v in learner.meta_parameters().items()},
@@ -82,6 +96,7 @@ SCRIPT = textwrap.dedent(
                 "world_size": trainer.world_size,
                 "backend": getattr(trainer.strategy, "process_group_backend", None),
                 "skipped": learner.skipped_steps,
+                "val": val,
             },
             f"{out}/{mode}_{dtype_name}_rank{trainer.global_rank}.pt",
         )
@@ -141,3 +156,9 @@ def test_ddp_two_ranks_equal_one_process_on_union(runs, dtype_name, tol):
     print(f"\nDDP(2 ranks) vs 1 process on the union, {dtype_name}: relative parameter difference {diff:.2e}")
     assert diff < tol
     assert r0["skipped"] == 0
+    # validation: each rank adapted on its 4 of the 8 tasks; the metrics are gathered over both ranks, so
+    # both report all 8 and the 1-process values (same parameters up to the difference above)
+    for r in (r0, r1):
+        assert r["val"]["val/n_tasks"] == 8 == single["val"]["val/n_tasks"]
+        assert abs(r["val"]["val/mse"] - single["val"]["val/mse"]) <= 1e3 * tol * single["val"]["val/mse"]
+    assert r0["val"]["val/mse"] == r1["val"]["val/mse"]
