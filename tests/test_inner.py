@@ -199,3 +199,23 @@ def test_bad_inputs():
     # any torch.optim class works: (w^2).sum() + 1/2 ||w - 1||^2 has its minimum at w = 1/3
     phi = torch_optimizer_adapt(support, theta, 1.0, 50, optimizer=torch.optim.RMSprop, lr=0.05)
     assert torch.allclose(phi["w"], torch.full((2,), 1 / 3), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("sgd", {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+        ("sgd", {"momentum": 0.9, "nesterov": True}),
+        ("adam", {"betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.01}),
+        ("adam", {"amsgrad": True}),
+    ],
+)
+def test_vmappable_sgd_and_adam_equal_torch_optim_step_for_step(name, options):
+    """The hand-written (vmappable) SGD / Adam against torch.optim's own classes on the same problem."""
+    theta, support, _ = logistic_task(seed=3)
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name]
+    for steps in (1, 7):
+        mine = proximal_adapt(support, theta, 0.3, steps, optimizer=name, lr=0.05, **options)
+        ref = torch_optimizer_adapt(support, theta, 0.3, steps, optimizer=cls, lr=0.05, **options)
+        err = (flatten(mine) - flatten(ref)).norm() / flatten(ref).norm()
+        assert err < 1e-13, (name, options, steps, err.item())
