@@ -232,7 +232,7 @@ def probe_row(module, tasks) -> dict:
                 sx,
                 sy,
                 loss_fn=module.loss_fn,
-                lam=module.lam,
+                lam=module.current_lam(),
                 steps=module.inner_steps,
                 lr=module.inner_lr,
                 optimizer=module.inner_optimizer,
