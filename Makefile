@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Omniglot lives beside the checkout; .ci/run exports the same default.
 export IMAML_OMNIGLOT_ROOT ?= $(abspath ../shared/omniglot)
 
-.PHONY: install test train lint clean
+.PHONY: install test train lint mutation clean
 
 install: $(STAMP)
 
@@ -24,8 +24,12 @@ test: install
 train: install
 	$(PY) train.py fit
 
+# not part of `make test`: mutation testing of the core takes hours on 2 cores (scripts/mutation.sh)
+mutation: install
+	bash scripts/mutation.sh $(PY)
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info lightning_logs
+	rm -rf $(VENV) build *.egg-info lightning_logs mutants
