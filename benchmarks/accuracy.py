@@ -333,6 +333,14 @@ def run_method(method: str, a, out_path: Path) -> dict:
                 row["wall_s"],
                 pr,
             )
+            if trainer.state.fn == "fit":
+                # Lightning's ModelCheckpoint(save_top_k=0, save_last=True) writes last.ckpt only at the end
+                # of fit (2.6: "last" follows a top-k save), so a run cut off mid-way lost everything: save
+                # here, after this row is in the curves, and atomically (a kill mid-write keeps the old one).
+                tmp = last.with_suffix(".tmp")
+                trainer.save_checkpoint(tmp)
+                os.replace(tmp, last)
+                log.info("%s: checkpoint at step %d -> %s", method, row["step"], last)
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -355,9 +363,10 @@ def run_method(method: str, a, out_path: Path) -> dict:
         split="paper",
         rotations=True,
     )
-    curves = Curves()
     ckpt_dir = out_path.parent / f"{Path(a.out).stem}_ckpt" / method
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last = ckpt_dir / "last.ckpt"
+    curves = Curves()
     trainer = pl.Trainer(
         max_steps=a.steps,
         val_check_interval=a.val_every,
@@ -368,9 +377,9 @@ def run_method(method: str, a, out_path: Path) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[curves, ckpt],
+        callbacks=[curves],
+        enable_checkpointing=False,
     )
-    last = ckpt_dir / "last.ckpt"
     log.info("%s: start (%s)", method, json.dumps(method_settings(method, a)))
     if last.exists():
         log.info("%s: resuming from %s", method, last)

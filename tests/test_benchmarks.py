@@ -132,7 +132,11 @@ def test_accuracy_quick(tmp_path):
             assert isinstance(row["step"], int) and isinstance(row["val_acc"], float)
         assert isinstance(r["train_wall_s"], float)
         assert (tmp_path / f"accuracy_{m}.json").exists()
-    assert out.with_suffix(".log").exists()
+    log_text = out.with_suffix(".log").read_text()
+    # a run cut off mid-way resumes from its last validation: the checkpoint is written there, not at the end
+    for m in d["methods"]:
+        assert f"{m}: checkpoint at step 1 " in log_text, m
+        assert (tmp_path / "accuracy_ckpt" / m / "last.ckpt").exists(), m
     # resumable: a second run skips every method whose result file exists
     d2 = _run("accuracy.py", out, "--threads", "1", "--device", "cpu", timeout=120)
     assert d2["methods"]["imaml"]["test_acc"] == d["methods"]["imaml"]["test_acc"]
