@@ -23,6 +23,8 @@ LAM = 1.0
 # (optimizer, steps, options, tolerance on ||grad G(phi)||): solvers with exact line searches / Newton steps
 # go to rounding level; Adam's fixed step only gets close (its steps shrink as its 2nd-moment estimate lags)
 SOLVERS = [
+    # the default: largest step 2.0 is past the stability edge of fixed-step GD here, so backtracking must act
+    ("gd_armijo", 50, {"lr": 2.0}, 1e-10),
     ("gd", 200, {"lr": 0.5}, 1e-10),
     ("sgd", 150, {"lr": 0.5, "momentum": 0.5}, 1e-10),
     ("adam", 500, {"lr": 0.02}, 1e-7),
