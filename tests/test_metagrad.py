@@ -193,7 +193,7 @@ def test_imaml_cg_damping_against_a_dense_solve():
     assert rel(ref, torch.linalg.solve(torch.eye(D + 1, dtype=v.dtype) + H / lam, b)) > 1e-2
 
 
-def test_imaml_inner_optimizer_options_reach_the_solver_sgd_momentum_vs_torch_optim():
+def test_inner_optimizer_options_reach_the_solver_sgd_momentum_vs_torch_optim():
     model, theta = make_model()
     task = make_task()
     sx, sy, qx, qy = task
@@ -215,6 +215,12 @@ def test_imaml_inner_optimizer_options_reach_the_solver_sgd_momentum_vs_torch_op
     print(f"iMAML with SGD momentum 0.9 vs torch.optim.SGD + dense solve: {err:.1e}")
     assert err < 1e-11
     assert abs(res.support_loss.item() - Ls(phi).item()) < 1e-12
+    # first-order MAML hands the same options to the same solver: grad L_q at that phi
+    res = fomaml_task_meta_gradient(
+        model, theta, task, loss_fn=mse_loss, lam=lam, inner_steps=steps, inner_lr=lr, inner_optimizer="sgd",
+        inner_optimizer_kwargs={"momentum": 0.9},
+    )  # fmt: skip
+    assert rel(flat(res.grad), grad(Lq)(phi)) < 1e-12
 
 
 class WithUnused(nn.Module):
