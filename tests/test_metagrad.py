@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian
 
-from lightning_imaml.inner import hessian_free_adapt
+from lightning_imaml.inner import InnerInfo, hessian_free_adapt
 from lightning_imaml.metagrad import (
     ForwardCast,
     adapt,
     fomaml_task_meta_gradient,
     imaml_task_meta_gradient,
+    inner_diagnostics,
     make_task_loss,
     maml_task_meta_gradient,
     mse_loss,
@@ -100,8 +101,10 @@ def test_fomaml_defaults_and_proximal_gd_by_hand():
     assert rel(flat(res.grad), grad(Lq)(v - 0.1 * grad(Ls)(v))) < 1e-13
     # three steps of lr 0.3 on L_s + 0.5/2 ||phi - theta||^2
     phi = v.clone()
+    G = [Ls(phi).item()]  # the proximal objective along the way (lr 0.3 is past GD's stability edge here)
     for _ in range(3):
         phi = phi - 0.3 * (grad(Ls)(phi) + 0.5 * (phi - v))
+        G.append(Ls(phi).item() + 0.25 * ((phi - v) ** 2).sum().item())
     res = fomaml_task_meta_gradient(
         model, theta, task, loss_fn=mse_loss, lam=0.5, inner_steps=3, inner_lr=0.3
     )
@@ -110,6 +113,15 @@ def test_fomaml_defaults_and_proximal_gd_by_hand():
     assert err < 1e-13
     assert abs(res.support_loss.item() - Ls(phi).item()) < 1e-12
     assert set(res.info) == {"inner_residual", "inner_residual_rel", "inner_rose", "inner_accepted"}
+    # the solve quality it reports: the proximal gradient norm at phi, relative to ||grad L_s(theta)||
+    residual = (grad(Ls)(phi) + 0.5 * (phi - v)).norm().item()
+    assert res.info["inner_residual"].item() == pytest.approx(residual, rel=1e-12)
+    assert res.info["inner_residual_rel"].item() == pytest.approx(
+        residual / grad(Ls)(v).norm().item(), rel=1e-12
+    )
+    rose = any(b > a for a, b in zip(G, G[1:], strict=False))
+    assert res.info["inner_accepted"].item() == 3.0 and res.info["inner_rose"].item() == float(rose)
+    assert all(t.dtype == torch.float64 for t in res.info.values())
 
 
 @pytest.mark.parametrize("fn", ["imaml", "fomaml"])
@@ -304,3 +316,18 @@ def test_adapt_is_proximal_adapt_from_theta_and_detached():
     out = adapt(model, theta, sx, sy, loss_fn=mse_loss, lam=1.5, steps=4, lr=0.2)
     assert rel(flat(out), phi) < 1e-12
     assert all(not t.requires_grad for t in out.values())
+
+
+def test_inner_diagnostics_relative_residual_and_flags():
+    f = torch.tensor
+    info = InnerInfo(f(0.5), f(2.0), f(True), f(7), f(1.0))
+    d = inner_diagnostics(info)
+    assert d["inner_residual"].item() == 0.5 and d["inner_residual_rel"].item() == 0.25
+    assert d["inner_rose"].item() == 1.0 and d["inner_accepted"].item() == 7.0
+    assert all(t.dtype == torch.float32 for t in d.values())
+    # theta already stationary (||grad L(theta)|| = 0): relative residual 0, not NaN or inf
+    d = inner_diagnostics(InnerInfo(f(0.0), f(0.0), f(False), f(0), f(1.0)))
+    assert d["inner_residual_rel"].item() == 0.0
+    # a residual below 1 over a scale below 1 is still their ratio
+    d = inner_diagnostics(InnerInfo(f(0.25), f(0.5), f(False), f(0), f(1.0)))
+    assert d["inner_residual_rel"].item() == 0.5
