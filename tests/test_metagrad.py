@@ -63,6 +63,14 @@ def flat_loss(model, x, y, prefix=""):
     return f
 
 
+def problem():
+    """The linear model, theta, a task, and its support and query losses as functions of the flat vector."""
+    model, theta = make_model()
+    task = make_task()
+    sx, sy, qx, qy = task
+    return model, theta, task, flat_loss(model, sx, sy), flat_loss(model, qx, qy)
+
+
 def krylov_minimiser(A, b, k):
     """argmin over x in K_k(A, b) of 1/2 x^T A x - b^T x: what k exact CG steps from 0 return."""
     K = torch.stack([torch.linalg.matrix_power(A, i) @ b for i in range(k)], dim=1)
@@ -75,10 +83,7 @@ def rel(a, b):
 
 
 def test_maml_defaults_are_one_step_of_lr_0p1_without_proximal_term_and_match_the_closed_form():
-    model, theta = make_model()
-    task = make_task()
-    sx, sy, qx, qy = task
-    Ls, Lq = flat_loss(model, sx, sy), flat_loss(model, qx, qy)
+    model, theta, task, Ls, Lq = problem()
     v = flat(theta)
     phi = v - 0.1 * grad(Ls)(v)
     ref = (torch.eye(D + 1, dtype=v.dtype) - 0.1 * hessian(Ls)(v)) @ grad(Lq)(phi)
@@ -91,10 +96,7 @@ def test_maml_defaults_are_one_step_of_lr_0p1_without_proximal_term_and_match_th
 
 
 def test_fomaml_defaults_and_proximal_gd_by_hand():
-    model, theta = make_model()
-    task = make_task()
-    sx, sy, qx, qy = task
-    Ls, Lq = flat_loss(model, sx, sy), flat_loss(model, qx, qy)
+    model, theta, task, Ls, Lq = problem()
     v = flat(theta)
     # defaults: one fixed GD step of lr 0.1, lam 0
     res = fomaml_task_meta_gradient(model, theta, task, loss_fn=mse_loss)
@@ -151,10 +153,7 @@ def _exact_phi(Ls, v, lam):
 
 
 def test_imaml_defaults_gd_armijo_and_5_cg_steps_against_the_krylov_minimiser():
-    model, theta = make_model()
-    task = make_task()
-    sx, sy, qx, qy = task
-    Ls, Lq = flat_loss(model, sx, sy), flat_loss(model, qx, qy)
+    model, theta, task, Ls, Lq = problem()
     v, lam = flat(theta), 2.0
     phi, H = _exact_phi(Ls, v, lam)
     A = torch.eye(D + 1, dtype=v.dtype) + H / lam
@@ -187,10 +186,7 @@ def test_imaml_defaults_gd_armijo_and_5_cg_steps_against_the_krylov_minimiser():
 
 
 def test_imaml_cg_damping_against_a_dense_solve():
-    model, theta = make_model()
-    task = make_task()
-    sx, sy, qx, qy = task
-    Ls, Lq = flat_loss(model, sx, sy), flat_loss(model, qx, qy)
+    model, theta, task, Ls, Lq = problem()
     v, lam = flat(theta), 2.0
     phi, H = _exact_phi(Ls, v, lam)
     b = grad(Lq)(phi)
@@ -206,10 +202,7 @@ def test_imaml_cg_damping_against_a_dense_solve():
 
 
 def test_inner_optimizer_options_reach_the_solver_sgd_momentum_vs_torch_optim():
-    model, theta = make_model()
-    task = make_task()
-    sx, sy, qx, qy = task
-    Ls, Lq = flat_loss(model, sx, sy), flat_loss(model, qx, qy)
+    model, theta, task, Ls, Lq = problem()
     v, lam, lr, steps = flat(theta), 2.0, 0.05, 4
     p = v.clone().requires_grad_(True)
     opt = torch.optim.SGD([p], lr=lr, momentum=0.9)
