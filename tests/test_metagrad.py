@@ -22,6 +22,7 @@ from lightning_imaml.metagrad import (
     fomaml_task_meta_gradient,
     imaml_task_meta_gradient,
     inner_diagnostics,
+    loss_for_task_type,
     make_task_loss,
     maml_task_meta_gradient,
     mse_loss,
@@ -272,11 +273,19 @@ class AutocastItself(nn.Module):
         return out.float()
 
 
-@pytest.mark.parametrize("method", ["imaml", "maml", "fomaml"])
-def test_forward_cast_applies_to_every_forward_support_and_query(method):
+@pytest.mark.parametrize(
+    "method,dtype",
+    [
+        ("imaml", torch.bfloat16),
+        ("maml", torch.bfloat16),
+        ("fomaml", torch.bfloat16),
+        ("imaml", torch.float16),
+    ],
+)
+def test_forward_cast_applies_to_every_forward_support_and_query(method, dtype):
     lin, theta = make_model(dtype=torch.float32)
     task = make_task(dtype=torch.float32)
-    ref_model = AutocastItself(lin, torch.bfloat16)
+    ref_model = AutocastItself(lin, dtype)
     theta_ref = {"inner." + k: v for k, v in theta.items()}
     kw = dict(loss_fn=mse_loss, lam=0.5, inner_steps=2, inner_lr=0.1)
     if method == "imaml":
@@ -286,7 +295,7 @@ def test_forward_cast_applies_to_every_forward_support_and_query(method):
         "maml": maml_task_meta_gradient,
         "fomaml": fomaml_task_meta_gradient,
     }[method]
-    cast = call(lin, theta, task, cast=ForwardCast("cpu", torch.bfloat16), **kw)
+    cast = call(lin, theta, task, cast=ForwardCast("cpu", dtype), **kw)
     ref = call(ref_model, theta_ref, task, **kw)
     full = call(lin, theta, task, **kw)
     for k in theta:
@@ -309,6 +318,18 @@ def test_adapt_is_proximal_adapt_from_theta_and_detached():
     out = adapt(model, theta, sx, sy, loss_fn=mse_loss, lam=1.5, steps=4, lr=0.2)
     assert rel(flat(out), phi) < 1e-12
     assert all(not t.requires_grad for t in out.values())
+    # Hessian-free: 5 CG steps per Newton direction unless told
+    support = make_task_loss(model, sx, sy, mse_loss)
+    out = adapt(model, theta, sx, sy, loss_fn=mse_loss, lam=1.5, steps=1, lr=1.0, optimizer="hf")
+    ref = hessian_free_adapt(support, theta, lam=1.5, steps=1, hf_cg_steps=5, lr=1.0)
+    assert rel(flat(out), flat(ref)) < 1e-13
+
+
+def test_unknown_task_type_says_which_are_known():
+    with pytest.raises(
+        ValueError, match=r"task_type must be 'classification' or 'regression', got 'ranking'"
+    ):
+        loss_for_task_type("ranking")
 
 
 def test_inner_diagnostics_relative_residual_and_flags():
