@@ -94,6 +94,20 @@ def test_maml_defaults_are_one_step_of_lr_0p1_without_proximal_term_and_match_th
     assert err < 1e-13
     assert abs(res.query_loss.item() - Lq(phi).item()) < 1e-12
     assert abs(res.support_loss.item() - Ls(phi).item()) < 1e-12
+    # lam 0 by default shows from the second step on (at the first, phi - theta is 0): three steps, with
+    # the unrolled loop differentiated by torch.func, and with lam = 1 for contrast
+    for lam in (None, 1.0):
+
+        def unrolled(w, lam=lam or 0.0):
+            phi = w
+            for _ in range(3):
+                phi = phi - 0.1 * (grad(Ls)(phi) + lam * (phi - w))
+            return Lq(phi)
+
+        kw = {} if lam is None else {"lam": lam}
+        res = maml_task_meta_gradient(model, theta, task, loss_fn=mse_loss, inner_steps=3, **kw)
+        assert rel(flat(res.grad), grad(unrolled)(v)) < 1e-13, lam
+    assert rel(grad(unrolled)(v), grad(lambda w: unrolled(w, 0.0))(v)) > 1e-4  # lam shows
 
 
 def test_fomaml_defaults_and_proximal_gd_by_hand():
@@ -102,6 +116,11 @@ def test_fomaml_defaults_and_proximal_gd_by_hand():
     # defaults: one fixed GD step of lr 0.1, lam 0
     res = fomaml_task_meta_gradient(model, theta, task, loss_fn=mse_loss)
     assert rel(flat(res.grad), grad(Lq)(v - 0.1 * grad(Ls)(v))) < 1e-13
+    phi = v.clone()
+    for _ in range(3):  # lam 0 by default shows from the second step on
+        phi = phi - 0.1 * grad(Ls)(phi)
+    res = fomaml_task_meta_gradient(model, theta, task, loss_fn=mse_loss, inner_steps=3)
+    assert rel(flat(res.grad), grad(Lq)(phi)) < 1e-13
     # three steps of lr 0.3 on L_s + 0.5/2 ||phi - theta||^2
     phi = v.clone()
     G = [Ls(phi).item()]  # the proximal objective along the way (lr 0.3 is past GD's stability edge here)
@@ -342,6 +361,32 @@ def test_inner_diagnostics_relative_residual_and_flags():
     # theta already stationary (||grad L(theta)|| = 0): relative residual 0, not NaN or inf
     d = inner_diagnostics(InnerInfo(f(0.0), f(0.0), f(False), f(0), f(1.0)))
     assert d["inner_residual_rel"].item() == 0.0
+    d = inner_diagnostics(InnerInfo(f(0.3), f(0.0), f(False), f(0), f(1.0)))
+    assert d["inner_residual_rel"].item() == 0.0
     # a residual below 1 over a scale below 1 is still their ratio
     d = inner_diagnostics(InnerInfo(f(0.25), f(0.5), f(False), f(0), f(1.0)))
     assert d["inner_residual_rel"].item() == 0.5
+
+
+def test_scalar_lam_gradient_against_the_closed_form_and_finite_differences():
+    """dF/dlam for one scalar lam, F(lam) = L_q(phi*(lam)), phi*(lam) = v - (H + lam I)^-1 grad L_s(v)."""
+    model, theta, task, Ls, Lq = problem()
+    v, lam = flat(theta), 2.0
+
+    def F(lam):
+        return Lq(_exact_phi(Ls, v, lam)[0])
+
+    phi, H = _exact_phi(Ls, v, lam)
+    y = torch.linalg.solve(H + lam * torch.eye(D + 1, dtype=v.dtype), grad(Lq)(phi))
+    exact = -(y @ (phi - v)).item()
+    h = 1e-4
+    fd = ((F(lam + h) - F(lam - h)) / (2 * h)).item()
+    res = imaml_task_meta_gradient(
+        model, theta, task, loss_fn=mse_loss, lam=lam, inner_steps=300, inner_lr=0.5, cg_steps=D + 1,
+        lam_grad=True,
+    )  # fmt: skip
+    assert set(res.lam_grad) == {""}  # a number lam: one entry
+    got = res.lam_grad[""].item()
+    e_exact, e_fd = abs(got - exact) / abs(exact), abs(got - fd) / abs(fd)
+    print(f"dF/dlam {got:.6e}: vs -<y, phi - theta> {e_exact:.1e}, vs central FD {e_fd:.1e}")
+    assert e_exact < 1e-10 and e_fd < 5e-9
