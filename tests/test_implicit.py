@@ -12,6 +12,7 @@ from torch.func import functional_call
 from lightning_imaml.implicit import (
     CGInfo,
     conjugate_gradient,
+    grad_and_hvp,
     hessian_vector_product,
     implicit_meta_gradient,
 )
@@ -385,3 +386,74 @@ def test_cg_damping_solves_damped_system():
         lambda p: 0.5 * (d * p["w"] ** 2).sum(), phi, g, lam=2.0, cg_steps=5, cg_damping=0.5
     )
     torch.testing.assert_close(x["w"], 1.0 / (1.5 + d / 2.0), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------ API edges: unused parameters, messages
+def _partly_used_loss():
+    """L(a, b) = sum(tanh(W a)^2) + a.a^2/8: b is a parameter the loss never reads."""
+    W = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.8, -1.1]], dtype=torch.float64)
+
+    def loss(p):
+        return (torch.tanh(W @ p["a"]) ** 2).sum() + (p["a"] @ p["a"]) ** 2 / 8
+
+    params = {
+        "a": torch.tensor([0.4, -0.2, 0.9], dtype=torch.float64),
+        "b": torch.tensor([1.0, 2.0], dtype=torch.float64),
+    }
+    v = {
+        "a": torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64),
+        "b": torch.tensor([3.0, -1.0], dtype=torch.float64),
+    }
+    return loss, params, v
+
+
+@pytest.mark.parametrize("method", [None, "double_backward", "forward_over_reverse"])
+def test_hvp_with_a_parameter_the_loss_ignores_is_zero_there(method):
+    loss, params, v = _partly_used_loss()
+    H = torch.func.hessian(lambda a: loss({"a": a, "b": params["b"]}))(params["a"])
+    kw = {} if method is None else {"method": method}  # None: the default, double backward
+    hv = hessian_vector_product(loss, params, v, **kw)
+    assert torch.allclose(hv["a"], H @ v["a"], rtol=1e-13, atol=1e-15)
+    assert torch.equal(hv["b"], torch.zeros(2, dtype=torch.float64))
+
+
+def test_grad_and_hvp_with_a_parameter_the_loss_ignores():
+    loss, params, v = _partly_used_loss()
+    value, g, hvp = grad_and_hvp(loss, params)
+    ga = torch.func.grad(lambda a: loss({"a": a, "b": params["b"]}))(params["a"])
+    assert value.item() == pytest.approx(loss(params).item(), rel=1e-15)
+    assert torch.allclose(g["a"], ga, rtol=1e-14, atol=0) and torch.equal(
+        g["b"], torch.zeros(2, dtype=torch.float64)
+    )
+    H = torch.func.hessian(lambda a: loss({"a": a, "b": params["b"]}))(params["a"])
+    hv = hvp(v)
+    assert torch.allclose(hv["a"], H @ v["a"], rtol=1e-13, atol=1e-15)
+    assert torch.equal(hv["b"], torch.zeros(2, dtype=torch.float64))
+
+
+def test_hvp_errors_name_the_arguments():
+    loss, params, v = _partly_used_loss()
+    with pytest.raises(
+        ValueError, match=r"key mismatch between params and v: only in params: \['b'\], only in v: \[\]"
+    ):
+        hessian_vector_product(loss, params, {"a": v["a"]})
+    with pytest.raises(
+        ValueError, match=r"unknown method 'newton'; valid: 'double_backward', 'forward_over_reverse'"
+    ):
+        hessian_vector_product(loss, params, v, method="newton")
+
+
+def test_per_parameter_lam_errors_say_which_keys_and_values_are_wrong():
+    loss, params, _ = _partly_used_loss()
+    g = {k: torch.ones_like(t) for k, t in params.items()}
+    one = torch.tensor(1.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"keys of params: missing \['b'\], unknown \[\]"):
+        implicit_meta_gradient(loss, params, g, lam={"a": one}, cg_steps=2)
+    with pytest.raises(ValueError, match=r"keys of params: missing \[\], unknown \['c'\]"):
+        implicit_meta_gradient(loss, params, g, lam={"a": one, "b": one, "c": one}, cg_steps=2)
+    for bad in (0.0, -1.0, math.inf):
+        lam = {"a": one, "b": torch.tensor(bad, dtype=torch.float64)}
+        with pytest.raises(
+            ValueError, match=r"^every per-parameter lam must be > 0 and finite for the implicit gradient$"
+        ):
+            implicit_meta_gradient(loss, params, g, lam=lam, cg_steps=2)
