@@ -457,3 +457,14 @@ def test_per_parameter_lam_errors_say_which_keys_and_values_are_wrong():
             ValueError, match=r"^every per-parameter lam must be > 0 and finite for the implicit gradient$"
         ):
             implicit_meta_gradient(loss, params, g, lam=lam, cg_steps=2)
+
+
+def test_scalar_lam_may_be_a_one_element_tensor_but_nothing_else():
+    loss, params, _ = _partly_used_loss()
+    g = {k: torch.ones_like(t) for k, t in params.items()}
+    ref = implicit_meta_gradient(loss, params, g, lam=2.0, cg_steps=3)
+    got = implicit_meta_gradient(loss, params, g, lam=torch.tensor(2.0), cg_steps=3)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    for bad in (torch.tensor([2.0, 3.0]), "2.0", [2.0]):
+        with pytest.raises(ValueError, match=r"lam must be a positive number or a dict name -> tensor, got"):
+            implicit_meta_gradient(loss, params, g, lam=bad, cg_steps=3)
