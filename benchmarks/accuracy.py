@@ -610,8 +610,18 @@ def plot_lam(result, path):
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for r in learned.values():
         rows = [v for v in r["val_curve"] if "lam" in v]
+        # one colour per module, solid for its weight and dashed for its bias (18 lines, 10 default colours)
+        modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in rows[0]["lam"]))
+        cmap = plt.get_cmap("tab10" if len(modules) <= 10 else "tab20")
         for name in rows[0]["lam"]:
-            ax.plot([v["step"] for v in rows], [v["lam"][name] for v in rows], label=f"{name}")
+            module, _, kind = name.rpartition(".")
+            ax.plot(
+                [v["step"] for v in rows],
+                [v["lam"][name] for v in rows],
+                color=cmap(modules.index(module) % cmap.N),
+                linestyle="--" if kind == "bias" else "-",
+                label=name,
+            )
     ax.set_xlabel("meta-step")
     ax.set_ylabel("lam (per parameter tensor)")
     ax.set_yscale("log")
