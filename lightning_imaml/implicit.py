@@ -385,7 +385,7 @@ def implicit_meta_gradient(
     else:
         # symmetric scaling S = Lam^{-1/2}: ((1 + d) I + S H S) z = S g, y = S z, x = Lam y = z / S;
         # with Lam = lam I this is the system above (z = x / sqrt(lam))
-        scale = {k: lam[k].rsqrt().to(g[k].dtype) for k in g}
+        scale = {k: lam[k].to(g[k].dtype).rsqrt() for k in g}  # cast first: rsqrt at g's precision
 
         def matvec(v):
             hs = hv({k: scale[k] * v[k] for k in v})

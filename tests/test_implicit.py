@@ -468,3 +468,53 @@ def test_scalar_lam_may_be_a_one_element_tensor_but_nothing_else():
     for bad in (torch.tensor([2.0, 3.0]), "2.0", [2.0]):
         with pytest.raises(ValueError, match=r"lam must be a positive number or a dict name -> tensor, got"):
             implicit_meta_gradient(loss, params, g, lam=bad, cg_steps=3)
+
+
+def test_implicit_gradient_input_errors_name_what_to_fix():
+    loss, params, _ = _partly_used_loss()
+    g = {k: torch.ones_like(t) for k, t in params.items()}
+    msg = (
+        r"^lam must be > 0 and finite for the implicit gradient \(it divides H\), got 0.0; "
+        r"lam = 0 means no proximal term, where the implicit gradient does not exist$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        implicit_meta_gradient(loss, params, g, lam=0.0, cg_steps=2)
+    with pytest.raises(ValueError, match=r"^return_lam_grad needs theta: d F / d lam = -<y, phi - theta>$"):
+        implicit_meta_gradient(loss, params, g, lam=1.0, cg_steps=2, return_lam_grad=True)
+    # one argument a tensor, the other a dict, either way round
+    for p, q, names in ((params["a"], g, "Tensor and dict"), (params, g["a"], "dict and Tensor")):
+        with pytest.raises(
+            ValueError, match=rf"^params and query_grad must be dicts name -> Tensor, got {names}$"
+        ):
+            implicit_meta_gradient(loss, p, q, lam=1.0, cg_steps=2)
+    with pytest.raises(ValueError, match=r"key mismatch between params and query_grad"):
+        implicit_meta_gradient(loss, params, {"a": g["a"]}, lam=1.0, cg_steps=2)
+
+
+@pytest.mark.parametrize("per_param", [False, True])
+def test_rtol_reaches_cg_and_lam_dtype_does_not_cost_precision(per_param):
+    """A loose rtol stops CG where plain CG on the dense system I + H/lam stops; a float32 per-parameter lam
+    gives the float64 answer (it is cast to the gradient's dtype before its square root is used)."""
+    loss, params, _ = _partly_used_loss()
+    params = {"a": params["a"]}
+    g = {"a": torch.tensor([1.0, -0.3, 0.7], dtype=torch.float64)}
+    H = torch.func.hessian(lambda a: loss({"a": a}))(params["a"])
+    lam = {"a": torch.tensor(5.3, dtype=torch.float64)} if per_param else 5.3
+    A = torch.eye(3, dtype=torch.float64) + H / 5.3
+    assert torch.linalg.eigvalsh(A).min() > 0.1  # positive definite: CG runs to its tolerance
+    for rtol in (1e-10, 0.3):
+        _, ref = conjugate_gradient(lambda v: A @ v, g["a"], 3, rtol=rtol)
+        x, info = implicit_meta_gradient(loss, params, g, lam=lam, cg_steps=3, rtol=rtol, return_info=True)
+        assert int(info.steps) == int(ref.steps), rtol
+    assert int(ref.steps) < 3  # the loose tolerance did stop early
+    if per_param:
+        exact = torch.linalg.solve(A, g["a"])
+        x, _ = implicit_meta_gradient(loss, params, g, lam=lam, cg_steps=3, return_info=True)
+        x32, _ = implicit_meta_gradient(
+            loss, params, g, lam={"a": torch.tensor(5.3, dtype=torch.float32)}, cg_steps=3, return_info=True
+        )
+        assert rel(x["a"], exact) < 1e-13
+        # float32 5.3 is 5.30000019: the answer is the float64 one for that value, not a float32-rounded one
+        lam32 = float(torch.tensor(5.3, dtype=torch.float32))
+        exact32 = torch.linalg.solve(torch.eye(3, dtype=torch.float64) + H / lam32, g["a"])
+        assert rel(x32["a"], exact32) < 1e-13
