@@ -74,25 +74,6 @@ def _module(solver, batched, chunk, quick):
     )
 
 
-def rss_peak_mib(fn) -> float | None:
-    """Peak resident memory above the current one while ``fn()`` runs (VmHWM after a reset; Linux)."""
-    import ctypes
-
-    def kib(field):
-        with open("/proc/self/status") as fh:
-            return next(int(ln.split()[1]) for ln in fh if ln.startswith(field + ":"))
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    base = kib("VmRSS")
-    fn()
-    return (kib("VmHWM") - base) / 1024
-
-
 def measure(a, k_query, solvers, chunks, partial=lambda rows: None):
     import torch
 
@@ -121,7 +102,7 @@ def measure(a, k_query, solvers, chunks, partial=lambda rows: None):
     }
     partial(rows)  # the timings are kept even if a memory measurement fails
     for k, m in contenders.items():
-        peak = rss_peak_mib(lambda m=m: m.meta_gradient(batch))
+        peak = common.rss_peak_mib(lambda m=m: m.meta_gradient(batch))
         rows[k].update(peak_mib=peak, peak_mib_per_task=None if peak is None else peak / a.meta_batch_size)
     for k, row in rows.items():
         loop = rows[k.split("/")[0] + "/loop"]

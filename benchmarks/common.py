@@ -347,5 +347,30 @@ def peak_memory_bytes(fn, device: torch.device) -> tuple[int, str]:
     return int(peak), "torch.profiler CPU allocator events (profile_memory=True), running sum maximised"
 
 
+def rss_peak_mib(fn) -> float | None:
+    """Peak resident memory (MiB) above the current one while ``fn()`` runs: VmHWM after a reset
+    (``malloc_trim``, then ``/proc/self/clear_refs``) minus VmRSS before; None where Linux's reset is missing.
+    Coarser than :func:`peak_memory_bytes` (allocator caching, pages, memory outside torch), but it records
+    nothing per allocation, so it works on runs too large to profile."""
+    import ctypes
+
+    def kib(field):
+        with open("/proc/self/status") as fh:
+            return next(int(ln.split()[1]) for ln in fh if ln.startswith(field + ":"))
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    base = kib("VmRSS")
+    fn()
+    return (kib("VmHWM") - base) / 1024
+
+
 def mib(nbytes: float) -> float:
     return float(nbytes) / 2**20

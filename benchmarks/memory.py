@@ -24,7 +24,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -39,27 +38,6 @@ METHODS = ("IMAML", "MAML", "FOMAML")
 
 
 # ------------------------------------------------------------------------------------------- one case (child)
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_hwm() -> bool:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_case(method: str, n_way: int, steps: int, a) -> dict:
     import torch
 
@@ -93,12 +71,7 @@ def run_case(method: str, n_way: int, steps: int, a) -> dict:
 
     out = {"method": method, "n_way": n_way, "inner_steps": steps, "model": model_src}
     if device.type == "cpu":
-        if _reset_hwm():
-            base = _status_kib("VmRSS")
-            module.meta_gradient(batch)
-            out["rss_peak_mib"] = (_status_kib("VmHWM") - base) / 1024
-        else:
-            out["rss_peak_mib"] = None
+        out["rss_peak_mib"] = common.rss_peak_mib(lambda: module.meta_gradient(batch))
     nbytes, how = common.peak_memory_bytes(lambda: module.meta_gradient(batch), device)
     out["peak_mib"] = common.mib(nbytes)
     out["peak_mib_per_task"] = common.mib(nbytes) / a.meta_batch_size
