@@ -77,8 +77,7 @@ class CGInfo(NamedTuple):
 
 
 def _default_curvature_eps(b: Tree) -> float:
-    leaf = b if isinstance(b, Tensor) else next(iter(b.values()))
-    dtype = leaf.dtype if leaf.is_floating_point() else torch.get_default_dtype()
+    dtype = (b if isinstance(b, Tensor) else next(iter(b.values()))).dtype
     # sqrt(machine eps): 1.5e-8 in float64, 3.5e-4 in float32. Below that a Rayleigh quotient of A = I + H/lam
     # is rounding noise, and dividing by it would launch x to ~1/eps instead of solving anything.
     return math.sqrt(torch.finfo(dtype).eps)
@@ -113,6 +112,11 @@ def conjugate_gradient(
         raise ValueError(f"max_steps must be >= 1, got {max_steps}; CG needs at least one step")
     if rtol < 0:
         raise ValueError(f"rtol must be >= 0, got {rtol}")
+    for name, leaf in b.items() if isinstance(b, Mapping) else [("b", b)]:
+        if not leaf.is_floating_point():
+            raise ValueError(
+                f"CG needs floating-point tensors, but {name} is {leaf.dtype}; cast it, e.g. b.double()"
+            )
     eps = _default_curvature_eps(b) if curvature_eps is None else curvature_eps
 
     if x0 is None:

@@ -2,6 +2,7 @@
 closed-form ridge meta-gradients, finite differences. Measured errors are printed (pytest -s)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -518,3 +519,99 @@ def test_rtol_reaches_cg_and_lam_dtype_does_not_cost_precision(per_param):
         lam32 = float(torch.tensor(5.3, dtype=torch.float32))
         exact32 = torch.linalg.solve(torch.eye(3, dtype=torch.float64) + H / lam32, g["a"])
         assert rel(x32["a"], exact32) < 1e-13
+
+
+# ------------------------------------------------------------------------- CG: stopping rules exactly
+# Small systems whose arithmetic is exact in binary floating point, so each comparison in CG's stopping and
+# truncation rules can be put exactly on its boundary: a "<=" that became "<" shows as one step more or less.
+
+
+def test_cg_stops_on_the_tolerance_boundary_exactly():
+    A = torch.diag(torch.tensor([1.0, 1.0, 3.0, 3.0], dtype=torch.float64))
+    b = torch.ones(4, dtype=torch.float64)  # ||b|| = 2
+    # step 1 from 0: alpha = b'b / b'Ab = 4 / 8, r = b - A b / 2 = (1, 1, -1, -1) / 2, ||r|| = 1 = rtol ||b||
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_steps=5, rtol=0.5)
+    assert int(info.steps) == 1 and bool(info.converged) and info.residual_norm.item() == 1.0
+    assert torch.equal(x, b / 2)
+    # ||r0|| = ||b|| = rtol ||b|| with rtol = 1: converged before any step, no matvec spent
+    calls = []
+    x, info = conjugate_gradient(lambda v: calls.append(1) or A @ v, b, max_steps=5, rtol=1.0)
+    assert int(info.steps) == 0 and bool(info.converged) and not calls
+    assert torch.equal(x, torch.zeros(4, dtype=torch.float64))
+    # a right-hand side of norm exactly 1 is solved, not taken for converged (two eigenvalues: two steps)
+    x, info = conjugate_gradient(lambda v: A @ v, b / 2, max_steps=5)
+    assert int(info.steps) == 2 and bool(info.converged)
+    exact = torch.tensor([0.5, 0.5, 0.5 / 3, 0.5 / 3], dtype=torch.float64)
+    torch.testing.assert_close(x, exact, rtol=1e-15, atol=0)
+    assert info.steps.dtype == torch.int64  # documented: a step count, not a float
+
+
+def test_cg_curvature_threshold_is_the_one_passed_and_inclusive():
+    A = torch.diag(torch.tensor([0.5, 2.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 0.0], dtype=torch.float64)  # Rayleigh quotient along b: exactly 0.5
+    # p'Ap <= eps ||p||^2 truncates (docstring): at eps = 0.5 exactly, the first direction is rejected -> b
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_steps=3, curvature_eps=0.5)
+    assert bool(info.negative_curvature) and int(info.steps) == 0 and torch.equal(x, b)
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_steps=3, curvature_eps=0.49)
+    assert not bool(info.negative_curvature) and torch.equal(x, torch.tensor([2.0, 0.0]).double())
+    # float64's default, sqrt(eps64) = 1.5e-8, accepts a Rayleigh quotient of 1e-6 (float32's 3.5e-4 does not)
+    A = torch.diag(torch.tensor([1e-6, 1.0], dtype=torch.float64))
+    x, info = conjugate_gradient(lambda v: A @ v, b, max_steps=3)
+    assert not bool(info.negative_curvature) and bool(info.converged)
+    torch.testing.assert_close(x, torch.tensor([1e6, 0.0]).double(), rtol=1e-12, atol=0)
+    x, info = conjugate_gradient(lambda v: A.float() @ v, b.float(), max_steps=3)
+    assert bool(info.negative_curvature) and torch.equal(x, b.float())  # float32: rounding noise, truncated
+
+
+def test_cg_error_messages_name_the_bad_value():
+    with pytest.raises(ValueError, match=r"rtol must be >= 0, got -0\.1"):
+        conjugate_gradient(lambda v: v, torch.ones(2), max_steps=2, rtol=-0.1)
+    with pytest.raises(ValueError, match=re.escape("shape mismatch: b has shape (2,), x0 has (3,)")):
+        conjugate_gradient(lambda v: v, torch.ones(2), max_steps=2, x0=torch.ones(3))
+    with pytest.raises(ValueError, match="but b is torch.int64; cast it"):
+        conjugate_gradient(lambda v: v, torch.ones(2, dtype=torch.int64), max_steps=2)
+    with pytest.raises(ValueError, match="but w is torch.int32"):
+        conjugate_gradient(lambda v: v, {"v": torch.ones(2), "w": torch.ones(2, dtype=torch.int32)}, 2)
+
+
+def test_under_functorch_without_the_private_hook_takes_the_torch_func_path(monkeypatch):
+    from lightning_imaml import implicit
+
+    assert implicit.under_functorch() is False  # plain call, the hook exists in this torch
+    monkeypatch.delattr(torch._C._functorch, "peek_interpreter_stack")
+    assert implicit.under_functorch() is True  # torch.func works everywhere; autograd.grad not under vmap
+
+
+@pytest.mark.parametrize("strategy", ["retain", "linearize", "double_backward", "forward_over_reverse"])
+def test_make_hvp_runs_the_strategy_asked_for(strategy, monkeypatch):
+    """The four strategies agree to rounding (tested above), so check the dispatch itself: the function that
+    computes H v is the one named, and its product matches the dense Hessian."""
+    from lightning_imaml import implicit
+
+    ran = []
+    for name in ("_hvp_double_backward", "_hvp_forward_over_reverse", "_grad_of_grads"):
+        real = getattr(implicit, name)
+        monkeypatch.setattr(implicit, name, lambda *a, _r=real, _n=name, **k: ran.append(_n) or _r(*a, **k))
+    real_linearize = torch.func.linearize
+    monkeypatch.setattr(torch.func, "linearize", lambda *a: ran.append("linearize") or real_linearize(*a))
+    model = small_mlp()
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+
+    def loss(p):
+        return ((functional_call(model, p, (x,)) - y) ** 2).mean()
+
+    phi = {k: v.detach() for k, v in model.named_parameters()}
+    v = {k: torch.randn_like(t) for k, t in phi.items()}
+    hv = implicit._make_hvp(loss, phi, strategy)(v)
+    expected = {
+        "retain": ["_grad_of_grads"],
+        "linearize": ["linearize"],
+        "double_backward": ["_hvp_double_backward", "_grad_of_grads"],
+        "forward_over_reverse": ["_hvp_forward_over_reverse"],
+    }[strategy]
+    assert ran == expected
+    ref = dense_hessian(loss, phi) @ flatten(v)
+    assert rel(flatten(hv), ref) < 1e-12
+    valid = "'retain', 'linearize', 'double_backward', 'forward_over_reverse'"
+    with pytest.raises(ValueError, match=re.escape(f"unknown hvp strategy 'exact'; valid: {valid}")):
+        implicit._make_hvp(loss, phi, "exact")
