@@ -493,7 +493,8 @@ def hessian_free_adapt(
         gg = tree_dot(g, g)
         if done is None:  # first iteration: what every report starts from
             residual0, accepted = gg.sqrt(), torch.zeros_like(loss)
-            done = ~(torch.isfinite(gg) & (gg.sqrt() > gtol))
+            done = torch.zeros_like(gg, dtype=torch.bool)
+        done = done | ~(torch.isfinite(gg) & (gg.sqrt() > gtol))  # at every iterate, not only at theta
         if loop and bool(done):
             break
 

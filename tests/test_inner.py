@@ -2,6 +2,9 @@
 G(phi) = L(phi) + lam/2 ||phi - theta||^2 on a strongly convex task, and the iMAML meta-gradient computed at
 their solutions agrees across solvers (it depends only on phi*, not on the path)."""
 
+import itertools
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -221,3 +224,165 @@ def test_vmappable_sgd_and_adam_equal_torch_optim_step_for_step(name, options):
         ref = torch_optimizer_adapt(support, theta, 0.3, steps, optimizer=cls, lr=0.05, **options)
         err = (flatten(mine) - flatten(ref)).norm() / flatten(ref).norm()
         assert err < 1e-13, (name, options, steps, err.item())
+
+
+# ------------------------------------------------------------- defaults and reports, against torch.optim
+# Each solver's defaults are public API (README, configs); a default that changes silently changes every
+# run that relies on it. Where torch.optim implements the same method its own defaults are the ground truth.
+
+
+def torch_optim_reference(support, theta, lam, steps, cls, **kw):
+    """``steps`` steps of a torch.optim class on G = L + lam/2 ||phi - theta||^2, the gradient by autograd."""
+    phi = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    opt = cls(list(phi.values()), **kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        G = support(phi) + 0.5 * lam * sum(((phi[k] - theta[k]) ** 2).sum() for k in phi)
+        G.backward()
+        opt.step()
+    return {k: v.detach() for k, v in phi.items()}
+
+
+def test_fixed_step_solver_defaults_are_torch_optims_at_lr_0_1():
+    from lightning_imaml.inner import adam_adapt, sgd_adapt
+
+    theta, support, _ = logistic_task(seed=4)
+    sgd = torch_optim_reference(support, theta, 0.3, 6, torch.optim.SGD, lr=0.1)
+    adam = torch_optim_reference(support, theta, 0.3, 6, torch.optim.Adam, lr=0.1)
+    momentum = torch_optim_reference(support, theta, 0.3, 6, torch.optim.SGD, lr=0.1, momentum=0.9)
+    runs = {
+        "gd_adapt": (gd_adapt(support, theta, 0.3, 6), sgd),
+        "sgd_adapt": (sgd_adapt(support, theta, 0.3, 6), sgd),
+        "adam_adapt": (adam_adapt(support, theta, 0.3, 6), adam),
+        "proximal_adapt gd": (proximal_adapt(support, theta, 0.3, 6, optimizer="gd"), sgd),
+        "proximal_adapt sgd": (proximal_adapt(support, theta, 0.3, 6, optimizer="sgd"), sgd),
+        "proximal_adapt adam": (proximal_adapt(support, theta, 0.3, 6, optimizer="adam"), adam),
+        "torch_optimizer_adapt": (torch_optimizer_adapt(support, theta, 0.3, 6), sgd),
+        "torch_optimizer_adapt ADAM": (torch_optimizer_adapt(support, theta, 0.3, 6, optimizer="ADAM"), adam),
+        "torch_optimizer_adapt Sgd": (
+            torch_optimizer_adapt(support, theta, 0.3, 6, optimizer="Sgd", momentum=0.9),
+            momentum,
+        ),
+    }
+    for what, (mine, ref) in runs.items():
+        assert isinstance(mine, dict), f"{what}: return_info defaults to False, so phi alone"
+        err = ((flatten(mine) - flatten(ref)).norm() / flatten(ref).norm()).item()
+        assert err < 1e-13, (what, err)  # measured 0 to 1e-16
+
+
+def test_line_search_solver_defaults_are_the_documented_ones():
+    """gd_armijo (lr 0.1, armijo_c 0.5, backtrack 0.5, grow 2), lbfgs (lr 1, history 10, c1 1e-4, backtrack
+    0.5, tolerance_grad 1e-10), hf (5 CG steps, lr 1, c1 1e-4, backtrack 0.5, 10 backtracks, gtol 0): a
+    call without options equals one that spells them out, on problems where each option shows: changing
+    any one of them changes the answer (checked, so this test cannot pass by insensitivity)."""
+    from lightning_imaml.inner import gd_armijo_adapt, lbfgs_adapt
+
+    theta, support, _ = logistic_task(seed=5, d=12, n=16)
+
+    def scaled(c):  # curvature c times the logistic task's: at c = 100, lr 0.1 is rejected and grown again
+        return lambda p: c * support(p)
+
+    cases = [
+        (gd_armijo_adapt, scaled(100.0), 12, {"lr": 0.1, "armijo_c": 0.5, "backtrack": 0.5, "grow": 2.0}),
+        (lbfgs_adapt, scaled(3.0), 25,
+         {"lr": 1.0, "history_size": 10, "c1": 1e-4, "backtrack": 0.5, "tolerance_grad": 1e-10}),
+        (hessian_free_adapt, scaled(10.0), 3,
+         {"hf_cg_steps": 5, "lr": 1.0, "c1": 1e-4, "backtrack": 0.5, "gtol": 0.0}),
+    ]  # fmt: skip
+    other = {"lr": 0.3, "armijo_c": 0.9, "backtrack": 0.2, "grow": 1.0, "history_size": 3, "c1": 0.9,
+             "tolerance_grad": 0.05, "hf_cg_steps": 2, "gtol": 2.0}  # fmt: skip
+    for solver, loss, steps, documented in cases:
+        default = flatten(solver(loss, theta, 0.1, steps))
+        assert torch.equal(default, flatten(solver(loss, theta, 0.1, steps, **documented))), solver.__name__
+        for k in documented:
+            changed = flatten(solver(loss, theta, 0.1, steps, **{**documented, k: other[k]}))
+            assert not torch.equal(changed, default), f"{solver.__name__}: {k} does not show on this problem"
+    # hf's max_backtracks only shows where more than 10 halvings are needed; it is documented as 10
+    import inspect
+
+    assert inspect.signature(hessian_free_adapt).parameters["max_backtracks"].default == 10
+
+
+@pytest.mark.parametrize("name", [*OPTIMIZERS, "torch.optim.RMSprop"])
+def test_inner_info_against_an_independent_computation(name):
+    """With return_info every solver returns the same phi as without, and an InnerInfo whose fields match
+    what the test computes itself: ||grad G(phi)||, ||grad L(theta)||, G(phi), the steps taken, a rise."""
+    theta, support, _ = logistic_task(seed=6)
+    lam, steps = 0.7, {"lbfgs": 3, "hf": 2}.get(name, 6)  # still short of rounding level after these
+
+    def run(steps, **kw):
+        if name == "torch.optim.RMSprop":
+            return torch_optimizer_adapt(support, theta, lam, steps, torch.optim.RMSprop, lr=0.01, **kw)
+        return proximal_adapt(support, theta, lam, steps, optimizer=name, **kw)
+
+    def G(phi):
+        return support(phi) + 0.5 * lam * ((flatten(phi) - flatten(theta)) ** 2).sum()
+
+    phi, info = run(steps, return_info=True)
+    assert torch.equal(flatten(phi), flatten(run(steps))), "asking for the report changed the solve"
+    torch.testing.assert_close(info.objective, G(phi), rtol=1e-14, atol=0)
+    torch.testing.assert_close(info.residual, grad_G(support, phi, theta, lam).norm(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(info.residual0, grad_G(support, theta, theta, 0.0).norm(), rtol=1e-14, atol=0)
+    assert info.residual < info.residual0
+    # rose: G increased between two consecutive iterates (each a prefix of the same deterministic run)
+    values = [G(run(k)).item() for k in range(steps + 1)]
+    rose = any(b > a + 16 * torch.finfo(torch.float64).eps * abs(a) for a, b in itertools.pairwise(values))
+    assert bool(info.rose) == rose, (values, info.rose)
+    print(f"{name}: rose={rose}")
+    if name in ("gd", "sgd", "adam", "torch.optim.RMSprop"):
+        assert info.accepted.item() == steps  # fixed-step methods take every step
+    else:
+        assert 1 <= info.accepted.item() <= steps
+
+
+@pytest.mark.parametrize("name", ["gd", "sgd", "adam", "torch.optim.SGD"])
+def test_inner_info_reports_a_rising_objective(name):
+    """lr 3 on a curvature of ~10 (x scaled by 3): fixed-step methods overshoot and G rises, reported."""
+    theta, support, _ = logistic_task(seed=6)
+
+    def steep(p):
+        return 10.0 * support(p)
+
+    if name == "torch.optim.SGD":
+        _, info = torch_optimizer_adapt(steep, theta, 0.1, 4, torch.optim.SGD, lr=3.0, return_info=True)
+    else:
+        _, info = proximal_adapt(steep, theta, 0.1, 4, optimizer=name, lr=3.0, return_info=True)
+    assert bool(info.rose)
+
+
+def test_torch_optimizer_adapt_messages():
+    theta = {"w": torch.ones(2)}
+
+    def support(p):
+        return (p["w"] ** 2).sum()
+
+    msg = "unknown optimizer 'nadam'; valid names: ['adam', 'sgd'], or pass a torch.optim.Optimizer subclass"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        torch_optimizer_adapt(support, theta, 1.0, 3, optimizer="nadam")
+    msg = (
+        "torch_optimizer_adapt(RMSprop) updates tensors in place and cannot run under torch.func.vmap; "
+        "use the per-task loop, or proximal_adapt's 'sgd' / 'adam'"
+    )
+    with pytest.raises(RuntimeError, match=re.escape(msg)):
+        torch.func.vmap(lambda w: torch_optimizer_adapt(support, {"w": w}, 1.0, 3, torch.optim.RMSprop)["w"])(
+            torch.ones(3, 2)
+        )
+
+
+def test_hessian_free_stops_once_the_gradient_is_below_gtol():
+    """||grad G|| after 1, 2, 3 Newton-CG steps here: 7.0e-2, 2.8e-3, 1.3e-5; with gtol = 1e-3 the solve
+    must stop after the third step (it used to test gtol only at theta, and went on)."""
+    theta, support, _ = logistic_task(seed=5, d=12, n=16)
+    norms = [
+        grad_G(support, hessian_free_adapt(support, theta, 0.1, k), theta, 0.1).norm().item()
+        for k in (1, 2, 3)
+    ]
+    assert norms[0] > norms[1] > 1e-3 > norms[2]
+    phi, info = hessian_free_adapt(support, theta, 0.1, 6, gtol=1e-3, return_info=True)
+    assert info.accepted.item() == 3
+    assert torch.equal(flatten(phi), flatten(hessian_free_adapt(support, theta, 0.1, 3)))
+    # under vmap (every iteration runs, masked) the same
+    phis = torch.func.vmap(
+        lambda w: flatten(hessian_free_adapt(support, {"w": w, "b": theta["b"]}, 0.1, 6, gtol=1e-3))
+    )(theta["w"][None])
+    torch.testing.assert_close(phis[0], flatten(phi), rtol=1e-12, atol=1e-14)
