@@ -173,8 +173,7 @@ def _sufficient_decrease(new: Tensor, old: Tensor, predicted: Tensor) -> Tensor:
 
 def _rose(new: Tensor, old: Tensor) -> Tensor:
     # increases below 16 eps relative are rounding noise of a converged solve, not a failing one
-    eps = torch.finfo(old.dtype).eps if old.is_floating_point() else 1e-7
-    return new > old + 16 * eps * old.abs()
+    return new > old + 16 * torch.finfo(old.dtype).eps * old.abs()
 
 
 class _Solve:
@@ -224,8 +223,8 @@ def gd_adapt(
 
     The textbook iMAML-GD (and MAML's inner loop). Stable only while the largest eigenvalue of the support
     Hessian stays below 2/lr - lam; past it G rises from step to step (``InnerInfo.rose``) and phi diverges.
-    ``steps + 1`` gradient evaluations (the last one gives the residual). Returns detached phi, or
-    ``(phi, InnerInfo)`` with ``return_info``.
+    ``steps`` gradient evaluations, one more with ``return_info`` (for the residual). Returns detached
+    phi, or ``(phi, InnerInfo)`` with ``return_info``.
     """
     _check_step(lr)
     run = _Solve(support_loss, theta, lam, steps, track=return_info)
@@ -304,7 +303,8 @@ def sgd_adapt(
     return_info: bool = False,
 ):  # fmt: skip
     """``torch.optim.SGD`` on G, step for step (momentum buffer from the first gradient, dampening,
-    Nesterov, L2 ``weight_decay``), as a per-task vmappable function. ``steps + 1`` evaluations."""
+    Nesterov, L2 ``weight_decay``), as a per-task vmappable function. ``steps`` evaluations (+1 with
+    ``return_info``)."""
     _check_step(lr)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
@@ -327,7 +327,7 @@ def adam_adapt(
     amsgrad: bool = False, return_info: bool = False,
 ):  # fmt: skip
     """``torch.optim.Adam`` on G, step for step (bias corrections, L2 ``weight_decay``, ``amsgrad``), as a
-    per-task vmappable function. ``steps + 1`` evaluations."""
+    per-task vmappable function. ``steps`` evaluations (+1 with ``return_info``)."""
     _check_step(lr)
     beta1, beta2 = betas
     run = _Solve(support_loss, theta, lam, steps, track=return_info)

@@ -3,6 +3,7 @@ G(phi) = L(phi) + lam/2 ||phi - theta||^2 on a strongly convex task, and the iMA
 their solutions agrees across solvers (it depends only on phi*, not on the path)."""
 
 import itertools
+import math
 import re
 
 import pytest
@@ -327,7 +328,7 @@ def test_inner_info_against_an_independent_computation(name):
     # rose: G increased between two consecutive iterates (each a prefix of the same deterministic run)
     values = [G(run(k)).item() for k in range(steps + 1)]
     rose = any(b > a + 16 * torch.finfo(torch.float64).eps * abs(a) for a, b in itertools.pairwise(values))
-    assert bool(info.rose) == rose, (values, info.rose)
+    assert info.rose.dtype == torch.bool and bool(info.rose) == rose, (values, info.rose)
     print(f"{name}: rose={rose}")
     if name in ("gd", "sgd", "adam", "torch.optim.RMSprop"):
         assert info.accepted.item() == steps  # fixed-step methods take every step
@@ -386,3 +387,157 @@ def test_hessian_free_stops_once_the_gradient_is_below_gtol():
         lambda w: flatten(hessian_free_adapt(support, {"w": w, "b": theta["b"]}, 0.1, 6, gtol=1e-3))
     )(theta["w"][None])
     torch.testing.assert_close(phis[0], flatten(phi), rtol=1e-12, atol=1e-14)
+
+
+def counted(loss):
+    calls = []
+
+    def f(p):
+        calls.append(1)
+        return loss(p)
+
+    return f, calls
+
+
+@pytest.mark.parametrize("name", ["gd", "sgd", "adam", "torch.optim.SGD"])
+def test_fixed_step_solvers_spend_steps_evaluations_plus_one_for_the_report(name):
+    """The gradient at the last iterate only serves the report: ``steps`` evaluations, one more with it."""
+    theta, support, _ = logistic_task(seed=7)
+    for return_info, expected in ((False, 5), (True, 6)):
+        f, calls = counted(support)
+        if name == "torch.optim.SGD":
+            torch_optimizer_adapt(f, theta, 0.5, 5, torch.optim.SGD, return_info=return_info)
+        else:
+            proximal_adapt(f, theta, 0.5, 5, optimizer=name, return_info=return_info)
+        assert len(calls) == expected, (name, return_info, len(calls))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_zero_steps_return_theta_and_a_report_at_theta(name):
+    theta, support, _ = logistic_task(seed=8)
+    phi, info = proximal_adapt(support, theta, 0.5, 0, optimizer=name, return_info=True)
+    assert torch.equal(flatten(phi), flatten(theta))
+    g0 = grad_G(support, theta, theta, 0.5).norm()
+    torch.testing.assert_close(info.residual, g0, rtol=1e-14, atol=0)
+    torch.testing.assert_close(info.residual0, g0, rtol=1e-14, atol=0)
+    torch.testing.assert_close(info.objective, support(theta), rtol=1e-14, atol=0)
+    assert info.accepted.item() == 0 and info.rose.dtype == torch.bool and not bool(info.rose)
+
+
+def test_rise_threshold_is_16_float_eps_relative():
+    from lightning_imaml.inner import _rose
+
+    for dtype in (torch.float64, torch.float32):
+        eps, one = torch.finfo(dtype).eps, torch.tensor(1.0, dtype=dtype)
+        assert not bool(_rose(one + 16 * eps, one)) and bool(
+            _rose(one + 17 * eps, one)
+        )  # both exact in binary
+        assert not bool(_rose(-one + 16 * eps, -one)) and bool(_rose(-one + 17 * eps, -one))  # |old|, not old
+
+
+def test_sgd_nesterov_needs_momentum_and_no_dampening_as_torch_optim():
+    theta = {"w": torch.ones(2)}
+
+    def support(p):
+        return (p["w"] ** 2).sum()
+
+    msg = "nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)"
+    for opts in ({"momentum": 0.0}, {"momentum": 0.9, "dampening": 0.1}):
+        with pytest.raises(ValueError):  # the ground truth: torch.optim.SGD refuses the same options
+            torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, nesterov=True, **opts)
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            proximal_adapt(support, theta, 1.0, 2, optimizer="sgd", nesterov=True, **opts)
+
+
+# ------------------------------------------------------------------------- iMAML-HF: every branch
+
+
+def test_hessian_free_backtracks_at_most_max_backtracks_times():
+    """log cosh from w = 5, lam = 0: the Newton step is -sinh(5) cosh(5) = -5506.6; t = 1 .. 2^-9 all land
+    where G is above G(5) = 4.31, t = 2^-10 is the first that decreases G (w = -0.38). So the default 10
+    trials find nothing (the task stops there), 11 trials take that step. Evaluations are counted too: a
+    stopped task does not try again, and the search stops at the first accepted trial."""
+    theta = {"w": torch.tensor([5.0], dtype=torch.float64)}
+
+    def support(p):
+        return torch.log(torch.cosh(p["w"])).sum()
+
+    f, calls = counted(support)
+    phi, info = hessian_free_adapt(f, theta, 0.0, 3, return_info=True)
+    assert info.accepted.item() == 0 and torch.equal(phi["w"], theta["w"])
+    # gradient + 10 trials; the next iteration's gradient, then stop; the report's gradient
+    assert len(calls) == 1 + 10 + 1 + 1
+    f, calls = counted(support)
+    phi, info = hessian_free_adapt(f, theta, 0.0, 1, max_backtracks=11, return_info=True)
+    assert info.accepted.item() == 1 and len(calls) == 1 + 11 + 1
+    expected = 5.0 - math.sinh(5.0) * math.cosh(5.0) / 1024
+    err = abs(phi["w"].item() - expected) / abs(expected)
+    print(
+        f"HF step after 10 halvings: {phi['w'].item():.12f}, closed form {expected:.12f}, rel err {err:.1e}"
+    )
+    assert err < 1e-9  # measured 2.3e-11: 1 - tanh(5)^2, the curvature, loses ~1e-12 to cancellation
+
+
+def test_hessian_free_at_a_stationary_theta_takes_no_step():
+    target = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    theta = {"w": target.clone()}
+
+    def support(p):
+        return ((p["w"] - target) ** 2).sum()  # gradient exactly 0 at theta
+
+    f, calls = counted(support)
+    phi, info = hessian_free_adapt(f, theta, 0.5, 3, return_info=True)
+    assert info.accepted.item() == 0 and info.residual0.item() == 0 and torch.equal(phi["w"], target)
+    assert len(calls) == 2  # the gradient at theta, then the report's
+
+
+@pytest.mark.parametrize("direction", ["ascent", "orthogonal"])
+def test_hessian_free_falls_back_to_steepest_descent_without_a_descent_direction(direction, monkeypatch):
+    """CG from zero always returns a descent direction in exact arithmetic; if rounding ever gave one that
+    is not (g'd >= 0), HF must take -g instead. Forced here by replacing CG: on G = ||w||^2 (lam 0) from
+    theta = (1, 2), -g = -2 theta is rejected at t = 1 (G(-theta) = G(theta)); t = 1/2 lands on 0 exactly."""
+    from lightning_imaml import inner
+
+    def fake_cg(matvec, b, *args, **kwargs):  # b = -g
+        d = -b["w"] if direction == "ascent" else torch.stack([-b["w"][1], b["w"][0]])
+        return {"w": d}, None
+
+    monkeypatch.setattr(inner, "conjugate_gradient", fake_cg)
+    theta = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    phi = hessian_free_adapt(lambda p: (p["w"] ** 2).sum(), theta, 0.0, 1)
+    assert torch.equal(phi["w"], torch.zeros(2, dtype=torch.float64))
+
+
+def test_hessian_free_with_one_cg_step_takes_the_cauchy_step():
+    """hf_cg_steps = 1: d = -(g'g / g'(A + lam I)g) g, the exact minimiser along -g of the quadratic
+    1/2 w'Aw - b'w + lam/2 ||w - theta||^2; Armijo accepts it at t = 1."""
+    gen = torch.Generator().manual_seed(9)
+    M = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    A, b = M @ M.T + torch.eye(6, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    theta = {"w": torch.randn(6, generator=gen, dtype=torch.float64)}
+    lam = 0.5
+    phi = hessian_free_adapt(lambda p: 0.5 * p["w"] @ A @ p["w"] - b @ p["w"], theta, lam, 1, hf_cg_steps=1)
+    g = A @ theta["w"] - b
+    expected = theta["w"] - (g @ g) / (g @ (A @ g) + lam * g @ g) * g
+    torch.testing.assert_close(phi["w"], expected, rtol=1e-13, atol=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"hf_cg_steps must be an integer >= 1, got {bad!r}")):
+            hessian_free_adapt(lambda p: (p["w"] ** 2).sum(), theta, lam, 1, hf_cg_steps=bad)
+
+
+def test_hessian_free_newton_step_is_solved_to_cg_tolerance_1e_12():
+    """One HF step with enough CG steps on an ill-conditioned quadratic (eigenvalues 1 .. 1e4, n = 60) lands
+    where CG's stopping rule ||r|| <= 1e-12 ||g|| puts it: measured ||grad G|| / ||g|| = 2.4e-13 (at CG's
+    default rtol 1e-10: 6.7e-11)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 60
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    A = q @ torch.diag(torch.logspace(0, 4, n, dtype=torch.float64)) @ q.T
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    theta = {"w": torch.zeros(n, dtype=torch.float64)}
+    phi = hessian_free_adapt(
+        lambda p: 0.5 * p["w"] @ A @ p["w"] - b @ p["w"], theta, 1e-3, 1, hf_cg_steps=400
+    )
+    rel = ((A @ phi["w"] - b + 1e-3 * phi["w"]).norm() / b.norm()).item()
+    print(f"HF Newton step: ||grad G|| / ||g|| = {rel:.1e}")
+    assert rel < 1e-11
