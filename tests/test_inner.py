@@ -541,3 +541,41 @@ def test_hessian_free_newton_step_is_solved_to_cg_tolerance_1e_12():
     rel = ((A @ phi["w"] - b + 1e-3 * phi["w"]).norm() / b.norm()).item()
     print(f"HF Newton step: ||grad G|| / ||g|| = {rel:.1e}")
     assert rel < 1e-11
+
+
+def test_lbfgs_two_loop_equals_the_dense_bfgs_inverse_hessian():
+    """-H g by the two-loop recursion against H built densely: H0 = (s'y / y'y) I from the newest pair,
+    then H <- (I - rho s y') H (I - rho y s') + rho s s' for each pair from oldest to newest. Empty history
+    slots (rho = 0) are no-ops, and with no pair at all H = I."""
+    from lightning_imaml.inner import _two_loop
+
+    gen = torch.Generator().manual_seed(10)
+    n, m = 7, 4
+    M = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    A = M @ M.T + 3 * torch.eye(n, dtype=torch.float64)  # s'y = s'As > 1 for these s: rho < 1
+    S = [torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(m)]  # newest first
+    Y = [A @ s for s in S]
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    rho = [1.0 / (s @ y) for s, y in zip(S, Y, strict=True)]
+    assert all(r < 1 for r in rho)
+    H = (S[0] @ Y[0]) / (Y[0] @ Y[0]) * torch.eye(n, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
+    for s, y, r in reversed(list(zip(S, Y, rho, strict=True))):
+        H = (eye - r * torch.outer(s, y)) @ H @ (eye - r * torch.outer(y, s)) + r * torch.outer(s, s)
+    zero = torch.zeros(n, dtype=torch.float64)
+
+    def wrap(v):
+        return {"w": v}
+
+    pad = 2  # two empty slots at the old end of the history
+    d = _two_loop(
+        wrap(g),
+        [wrap(s) for s in S] + [wrap(zero)] * pad,
+        [wrap(y) for y in Y] + [wrap(zero)] * pad,
+        [torch.tensor(r) for r in rho] + [torch.tensor(0.0, dtype=torch.float64)] * pad,
+    )["w"]
+    torch.testing.assert_close(d, -H @ g, rtol=1e-12, atol=0)
+    d0 = _two_loop(wrap(g), [wrap(zero)] * 3, [wrap(zero)] * 3, [torch.tensor(0.0, dtype=torch.float64)] * 3)[
+        "w"
+    ]
+    assert torch.equal(d0, -g)
