@@ -572,10 +572,90 @@ def test_lbfgs_two_loop_equals_the_dense_bfgs_inverse_hessian():
         wrap(g),
         [wrap(s) for s in S] + [wrap(zero)] * pad,
         [wrap(y) for y in Y] + [wrap(zero)] * pad,
-        [torch.tensor(r) for r in rho] + [torch.tensor(0.0, dtype=torch.float64)] * pad,
+        [r.clone() for r in rho] + [torch.tensor(0.0, dtype=torch.float64)] * pad,
     )["w"]
     torch.testing.assert_close(d, -H @ g, rtol=1e-12, atol=0)
     d0 = _two_loop(wrap(g), [wrap(zero)] * 3, [wrap(zero)] * 3, [torch.tensor(0.0, dtype=torch.float64)] * 3)[
         "w"
     ]
     assert torch.equal(d0, -g)
+
+
+@pytest.mark.parametrize("far", [False, True], ids=["|g|_1<1", "|g|_1>1"])
+def test_lbfgs_first_step_is_torch_optims(far):
+    """The first L-BFGS step is -g scaled by lr min(1, 1/|g|_1), as torch.optim.LBFGS (max_iter=1) takes it;
+    on this convex task Armijo accepts it."""
+    from lightning_imaml.inner import lbfgs_adapt
+
+    c = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    theta = {"w": c + (torch.tensor([9.0, -8.0, 7.0]) if far else torch.tensor([0.9, -0.8, 0.7])).double()}
+
+    def support(p):
+        return 0.1 * ((p["w"] - c) ** 2).sum()
+
+    w = theta["w"].clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=1)
+
+    def closure():
+        opt.zero_grad()
+        G = support({"w": w}) + 0.5 * 0.4 * ((w - theta["w"]) ** 2).sum()
+        G.backward()
+        return G
+
+    opt.step(closure)
+    g1 = (0.2 * (theta["w"] - c)).abs().sum().item()
+    assert (g1 > 1) == far
+    phi = lbfgs_adapt(support, theta, 0.4, 1)
+    torch.testing.assert_close(phi["w"], w.detach(), rtol=1e-15, atol=0)
+
+
+def test_lbfgs_backtracks_and_scales_armijo_by_the_step():
+    """G = 1000 ||w||^2 from theta = (0.1, 0.2), lam 0: g = 2000 theta, |g|_1 = 600, first t = 1/600 lands
+    at theta (1 - 10/3): G rises, rejected; t = 1/1200 lands at -2/3 theta, accepted (G falls by 5/9)."""
+    from lightning_imaml.inner import lbfgs_adapt
+
+    theta = {"w": torch.tensor([0.1, 0.2], dtype=torch.float64)}
+    phi, info = lbfgs_adapt(lambda p: 1000 * (p["w"] ** 2).sum(), theta, 0.0, 2, return_info=True)
+    assert info.accepted.item() == 1
+    torch.testing.assert_close(phi["w"], -2 / 3 * theta["w"], rtol=1e-14, atol=0)
+
+
+def test_lbfgs_gradient_tolerance_is_inclusive():
+    from lightning_imaml.inner import lbfgs_adapt
+
+    theta, support, _ = logistic_task(seed=11)
+    g = grad_G(support, theta, theta, 0.5)
+    phi, info = lbfgs_adapt(support, theta, 0.5, 3, tolerance_grad=g.abs().max().item(), return_info=True)
+    assert info.accepted.item() == 0 and torch.equal(flatten(phi), flatten(theta))  # max |g| <= tol: no move
+    phi, info = lbfgs_adapt(
+        support, theta, 0.5, 3, tolerance_grad=0.999 * g.abs().max().item(), return_info=True
+    )
+    assert info.accepted.item() >= 1
+
+
+@pytest.mark.parametrize("direction", ["ascent", "orthogonal"])
+def test_lbfgs_falls_back_to_steepest_descent_without_a_descent_direction(direction, monkeypatch):
+    """If the two-loop recursion gave a direction with g'd >= 0, L-BFGS must use -g with slope -||g||^2.
+    G = ||w||^2 from theta = (1, 2), lr 6: t = 6/|g|_1 = 1 reaches -theta, where G is unchanged: rejected
+    (Armijo needs a decrease of c1 t ||g||^2); then t = 1/2 lands on the minimum 0 exactly."""
+    from lightning_imaml import inner
+
+    def fake_two_loop(g, S, Y, rho):
+        d = g["w"] if direction == "ascent" else torch.stack([-g["w"][1], g["w"][0]])
+        return {"w": d}
+
+    monkeypatch.setattr(inner, "_two_loop", fake_two_loop)
+    theta = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}
+    phi, info = inner.lbfgs_adapt(lambda p: (p["w"] ** 2).sum(), theta, 0.0, 2, lr=6.0, return_info=True)
+    assert info.accepted.item() == 1 and torch.equal(phi["w"], torch.zeros(2, dtype=torch.float64))
+
+
+def test_lbfgs_history_size_checks():
+    from lightning_imaml.inner import lbfgs_adapt
+
+    theta, support, _ = logistic_task(seed=12)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"history_size must be an integer >= 1, got {bad!r}")):
+            lbfgs_adapt(support, theta, 0.5, 2, history_size=bad)
+    phi = lbfgs_adapt(support, theta, 0.5, 30, history_size=1)  # one pair is a valid (memory-less) L-BFGS
+    assert grad_G(support, phi, theta, 0.5).norm() < 1e-8
