@@ -289,7 +289,9 @@ def gd_armijo_adapt(
         run.g = tree_where(ok, g_new, run.g)
         run.val = torch.where(ok, new, run.val)
         gg = tree_dot(run.g, run.g)
-        shrink = torch.nan_to_num(0.9 * (1 - armijo_c) / (1 - rho), nan=0.1, posinf=backtrack, neginf=0.1)
+        # nan (rho nan) -> 0, +inf (rho = 1) -> max float, -inf -> -max float: the clamp below makes them
+        # 0.1, backtrack, 0.1
+        shrink = torch.nan_to_num(0.9 * (1 - armijo_c) / (1 - rho))
         rho_grow = torch.minimum(rho, rho_grads)  # grow only if both estimates allow it
         t_up = torch.where(rho_grow >= grow_above, torch.clamp(t * grow, max=lr), t)
         t = torch.where(ok, t_up, t * torch.clamp(shrink, 0.1, backtrack))

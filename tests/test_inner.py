@@ -659,3 +659,84 @@ def test_lbfgs_history_size_checks():
             lbfgs_adapt(support, theta, 0.5, 2, history_size=bad)
     phi = lbfgs_adapt(support, theta, 0.5, 30, history_size=1)  # one pair is a valid (memory-less) L-BFGS
     assert grad_G(support, phi, theta, 0.5).norm() < 1e-8
+
+
+def _armijo_reference(G, dG, w, lr, c, backtrack, grow, steps):
+    """gd_armijo_adapt's documented rule, in scalar float64 Python, for a 1-D objective."""
+    eps = 2.0**-52
+    t, val, g = lr, G(w), dG(w)
+    out, events = [], set()
+    for _ in range(steps):
+        trial = w - t * g
+        new, g_new = G(trial), dG(trial)
+        predicted = t * g * g
+        noise = 16 * eps * max(abs(val), abs(new))
+        rho_grads = 0.5 * (1 + g_new * g / (g * g))
+        measurable = predicted > 1024 * noise
+        rho = (val - new) / predicted if measurable else rho_grads
+        events.add("values" if measurable else "gradients")
+        if math.isfinite(new) and rho >= c and new <= val + noise:
+            w, g, val = trial, g_new, new
+            if min(rho, rho_grads) >= 1 - (1 - c) / grow and grow * t < lr:
+                t = grow * t
+                events.add("grow")
+            elif min(rho, rho_grads) >= 1 - (1 - c) / grow:
+                t = lr
+        else:
+            t = t * min(max(0.9 * (1 - c) / (1 - rho), 0.1), backtrack)
+            events.add("shrink")
+        out.append(w)
+    return out, events
+
+
+@pytest.mark.parametrize("lr,c,backtrack,grow", [(1.0, 0.5, 0.5, 2.0), (0.7, 0.3, 0.6, 1.5)])
+def test_gd_armijo_follows_its_documented_rule(lr, c, backtrack, grow):
+    """Iterate by iterate against a scalar re-statement of the docstring's rule (accept if rho >= c and G
+    did not rise beyond rounding; grow t to min(lr, grow t) if rho >= 1 - (1 - c) / grow; else shrink t by
+    clamp(0.9 (1 - c) / (1 - rho), 0.1, backtrack); rho from values, or from gradients where the predicted
+    decrease is below 1024 x the rounding of G) on G = 1e4 + w^2 / 2 + 2 w^4 from w = 1.5: curvature 55
+    there, 1 at the minimum, so t shrinks first and grows later, and the large constant puts the last
+    steps in the gradient branch."""
+    from lightning_imaml.inner import gd_armijo_adapt
+
+    def G(w):
+        return 1e4 + 0.5 * w * w + 2.0 * w**4
+
+    def dG(w):
+        return w + 8.0 * w**3
+
+    ref, events = _armijo_reference(G, dG, 1.5, lr, c, backtrack, grow, 40)
+    assert events == {"values", "gradients", "grow", "shrink"}  # every branch is exercised
+    theta = {"w": torch.tensor([1.5], dtype=torch.float64)}
+    mine = [
+        gd_armijo_adapt(
+            lambda p: G(p["w"]).sum(), theta, 0.0, k, lr=lr, armijo_c=c, backtrack=backtrack, grow=grow
+        )
+        for k in range(1, 41)
+    ]
+    err = max(abs(a["w"].item() - b) for a, b in zip(mine, ref, strict=True))
+    assert err < 1e-14, err  # measured 1.1e-16 / 0
+
+
+def test_gd_armijo_accepts_rho_equal_to_c_and_checks_its_options():
+    """G = 2 w^2 from w = 1 with t = 1/4: the step lands on 0, rho = (2 - 0) / (t g^2) = 1/2 exactly = c."""
+    from lightning_imaml.inner import gd_armijo_adapt
+
+    theta = {"w": torch.tensor([1.0], dtype=torch.float64)}
+
+    def support(p):
+        return 2 * (p["w"] ** 2).sum()
+
+    phi, info = gd_armijo_adapt(support, theta, 0.0, 1, lr=0.25, armijo_c=0.5, return_info=True)
+    assert info.accepted.item() == 1 and phi["w"].item() == 0.0
+    for kw, msg in [
+        ({"armijo_c": 0.0}, "armijo_c must be in (0, 1), got 0.0"),
+        ({"armijo_c": 1.0}, "armijo_c must be in (0, 1), got 1.0"),
+        ({"backtrack": 0.09}, "backtrack must be in [0.1, 1), got 0.09"),
+        ({"backtrack": 1.0}, "backtrack must be in [0.1, 1), got 1.0"),
+        ({"grow": 0.99}, "grow must be >= 1, got 0.99"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            gd_armijo_adapt(support, theta, 0.0, 1, **kw)
+    for kw in ({"armijo_c": 0.999}, {"armijo_c": 1e-6}, {"backtrack": 0.1}, {"grow": 1.0}):  # edges allowed
+        gd_armijo_adapt(support, theta, 0.0, 1, **kw)
