@@ -740,3 +740,23 @@ def test_gd_armijo_accepts_rho_equal_to_c_and_checks_its_options():
             gd_armijo_adapt(support, theta, 0.0, 1, **kw)
     for kw in ({"armijo_c": 0.999}, {"armijo_c": 1e-6}, {"backtrack": 0.1}, {"grow": 1.0}):  # edges allowed
         gd_armijo_adapt(support, theta, 0.0, 1, **kw)
+
+
+def test_sufficient_decrease_and_its_rounding_allowance():
+    """Armijo G(new) <= G(old) + predicted; where the predicted decrease is within 1024 x the rounding of G
+    (16 eps max(|G(old)|, |G(new)|)), a step that raises G by at most that rounding passes. Values chosen
+    exact in binary so that each comparison sits on its boundary."""
+    from lightning_imaml.inner import _sufficient_decrease
+
+    eps = torch.finfo(torch.float64).eps
+
+    def ok(new, old, predicted):
+        t = [torch.tensor(v, dtype=torch.float64) for v in (new, old, predicted)]
+        return bool(_sufficient_decrease(*t))
+
+    assert ok(1.0 - 2.0**-10, 1.0, -(2.0**-10)) and not ok(1.0 - 2.0**-10 + 2.0**-40, 1.0, -(2.0**-10))
+    # predicted -2^-40 = 9e-13, below 1024 x rounding (1024 x 16 eps x 4 = 1.5e-11): rises <= 16 eps |G| pass
+    assert ok(4.0 * (1 + 16 * eps), 4.0, -(2.0**-40)) and not ok(4.0 * (1 + 17 * eps), 4.0, -(2.0**-40))
+    assert not ok(
+        4.0 * (1 + 16 * eps), 4.0, -(2.0**-30)
+    )  # a predicted decrease well above rounding must happen
