@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,67 @@ def test_imaml_batched_meta_gradient_function_and_module_fallback():
     with pytest.warns(UserWarning, match="per-task loop"):
         g_fb, _ = fallback.meta_gradient(batch)
     assert fallback._batching_ok is False and all(torch.isfinite(v).all() for v in g_fb.values())
+
+
+def test_batched_functions_pass_every_option_through(monkeypatch):
+    """Defaults and pass-through of the batched entry points, checked where they land: phi against the
+    per-task solver with the same options spelled out, and the autocast setting, vmap's chunk size and its
+    randomness as recorded by spies on the functions that receive them."""
+    from lightning_imaml import batched, metagrad
+    from lightning_imaml.metagrad import ForwardCast
+
+    casts, vmaps = [], []
+    real_ctx, real_vmap = metagrad._autocast_ctx, batched.vmap
+    monkeypatch.setattr(metagrad, "_autocast_ctx", lambda cast: casts.append(cast) or real_ctx(cast))
+    monkeypatch.setattr(batched, "vmap", lambda f, **kw: vmaps.append(kw) or real_vmap(f, **kw))
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    theta = params_of(model)
+    sx, sy, qx, qy = tiny_batch(3)
+
+    def per_task(t, steps, **kw):
+        return proximal_adapt(make_task_loss(model, sx[t], sy[t], F.cross_entropy), theta, 1.0, steps, **kw)
+
+    phi_b = batched_proximal_adapt(model, theta, sx, sy, 1.0, 4)  # defaults: gd_armijo, no report
+    assert isinstance(phi_b, dict) and vmaps[-1] == {"randomness": "different", "chunk_size": None}
+    for t in range(3):
+        assert rel_err({k: phi_b[k][t] for k in theta}, per_task(t, 4, optimizer="gd_armijo")) < 1e-12
+    phi_b = batched_proximal_adapt(model, theta, sx, sy, 1.0, 2, "hf", hf_cg_steps=1, chunk_size=2)
+    assert vmaps[-1]["chunk_size"] == 2
+    for t in range(3):
+        assert rel_err({k: phi_b[k][t] for k in theta}, per_task(t, 2, optimizer="hf", hf_cg_steps=1)) < 1e-12
+    # autocast (CPU bfloat16; torch 2.14's vmap cannot differentiate BatchNorm under it, so no BatchNorm here)
+    bf16 = ForwardCast("cpu", torch.bfloat16)
+    nobn = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(36, 5))
+    casts.clear()
+    batched_proximal_adapt(nobn, params_of(nobn), sx.float(), sy, 1.0, 1, "gd", cast=bf16)
+    assert casts and all(c is bf16 for c in casts)
+    casts.clear()
+    out = batched_forward(nobn, {k: v.expand(3, *v.shape) for k, v in nobn.named_parameters()}, qx.float(),
+                          cast=bf16)  # fmt: skip
+    assert casts == [bf16] and out.dtype == torch.float32 and vmaps[-1] == {"randomness": "different"}
+    assert probe_batching(nobn, sx.float(), sy, cast=bf16) == (True, "ok")  # bfloat16 rounding is no mismatch
+    settings = {"lam": 1.0, "inner_steps": 2, "inner_lr": 0.1, "cg_steps": 2}  # inner_optimizer: its default
+    _, metrics = imaml_batched_meta_gradient(
+        model, theta, (sx, sy, qx, qy), loss_fn=F.cross_entropy, chunk_size=2, **settings
+    )
+    assert vmaps[-1]["chunk_size"] == 2 and metrics["query_acc"].shape == (3,)
+    msg = f"inner optimizer 'rmsprop' is not one of {BATCHED_INNER_OPTIMIZERS}"
+    with pytest.raises(BatchingUnsupported, match=re.escape(msg)):
+        imaml_batched_meta_gradient(
+            model, theta, (sx, sy, qx, qy), loss_fn=F.cross_entropy, inner_optimizer="rmsprop"
+        )
+    with pytest.raises(BatchingUnsupported, match=re.escape(msg)):
+        batched_proximal_adapt(model, theta, sx, sy, 1.0, 1, "rmsprop")
+
+
+def test_probe_names_the_module_and_uses_the_parameters_given():
+    running = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5))
+    sx, sy, *_ = tiny_batch(2, dtype=torch.float32)
+    ok, reason = probe_batching(running, sx, sy)
+    assert not ok and reason == "1: BatchNorm with running statistics updates them in place"
+    model = TinyCNN()
+    assert probe_batching(model, sx, sy) == (True, "ok")
+    wrong = {k: v[..., :1] for k, v in params_of(model).items()}  # shapes the model cannot use
+    ok, reason = probe_batching(model, sx, sy, params=wrong)
+    assert not ok and reason.startswith("RuntimeError")
