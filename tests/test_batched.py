@@ -386,3 +386,54 @@ def test_probe_names_the_module_and_uses_the_parameters_given():
     wrong = {k: v[..., :1] for k, v in params_of(model).items()}  # shapes the model cannot use
     ok, reason = probe_batching(model, sx, sy, params=wrong)
     assert not ok and reason.startswith("RuntimeError")
+
+
+def test_summarise_tasks_by_hand():
+    from lightning_imaml.batched import summarise_tasks
+    from lightning_imaml.metagrad import TaskResult
+
+    logits = torch.tensor(
+        [[[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [4.0, 1.0, 0.0]],  # predicts 0, 1, 2, 0
+         [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]]  # predicts 1, 1, 1, 2
+    )  # fmt: skip
+    y = torch.tensor([[0, 1, 2, 1], [1, 0, 2, 2]])  # task 0: 3 of 4 right, task 1: 2 of 4
+    results = TaskResult(
+        grad={"w": torch.tensor([[1.0, 2.0], [3.0, 6.0]])},
+        query_loss=torch.tensor([0.5, 1.5], dtype=torch.float64),
+        query_out=logits,
+        support_loss=torch.tensor([0.25, 0.75]),
+        info={"cg_steps": torch.tensor([3, 5])},
+        lam_grad={"w": torch.tensor([0.1, 0.3])},
+    )
+    grad, metrics = summarise_tasks(results, y, classification=True)
+    assert torch.equal(grad["w"], torch.tensor([2.0, 4.0])) and torch.allclose(
+        grad["lam:w"], torch.tensor(0.2)
+    )
+    assert torch.equal(metrics["query_acc"], torch.tensor([0.75, 0.5]))
+    assert metrics["query_loss"].dtype == torch.float32 and torch.equal(
+        metrics["query_loss"], torch.tensor([0.5, 1.5])
+    )
+    assert torch.equal(metrics["cg_steps"], torch.tensor([3.0, 5.0])) and "support_loss" in metrics
+    _, metrics = summarise_tasks(results, y, classification=False)
+    assert "query_acc" not in metrics
+
+
+def test_vmap_tasks_under_inference_mode_and_its_checks():
+    """Lightning validates under torch.inference_mode and the inner solve still needs gradients: a vmapped
+    gradient of inputs made there is right. (vmap_tasks also leaves inference mode and clones inference
+    tensors; in torch 2.14.1 torch.func needs neither, so those guards are listed as equivalent mutants.)"""
+    from lightning_imaml.batched import vmap_tasks
+
+    def task_grad(x):
+        return torch.func.grad(lambda w: (w * x).pow(2).sum())(torch.ones(3, dtype=x.dtype))
+
+    with torch.inference_mode():
+        x = torch.arange(6.0).reshape(2, 3)
+        out = vmap_tasks(task_grad, (x,))
+    assert torch.equal(out, 2 * torch.arange(6.0).reshape(2, 3) ** 2)
+    assert torch.equal(vmap_tasks(task_grad, (x.clone(),), chunk_size=1), out)
+    for bad in (0, 2.5, True):
+        with pytest.raises(
+            ValueError, match=re.escape(f"chunk_size must be None or an integer >= 1, got {bad!r}")
+        ):
+            vmap_tasks(task_grad, (x.clone(),), chunk_size=bad)
