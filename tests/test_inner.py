@@ -760,3 +760,34 @@ def test_sufficient_decrease_and_its_rounding_allowance():
     assert not ok(
         4.0 * (1 + 16 * eps), 4.0, -(2.0**-30)
     )  # a predicted decrease well above rounding must happen
+
+
+def test_input_checks_name_the_bad_value():
+    theta = {"w": torch.ones(2), "b": torch.zeros(1)}
+
+    def support(p):
+        return (p["w"] ** 2).sum() + p["b"].sum()
+
+    def raises(msg, **kw):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            proximal_adapt(**{"support_loss": support, "theta": theta, "lam": 1.0, "steps": 2, **kw})
+
+    raises("theta must be a non-empty dict name -> Tensor, got dict", theta={})
+    raises("theta must be a non-empty dict name -> Tensor, got list", theta=[torch.ones(2)])
+    raises("steps must be an integer >= 0, got 2.5", steps=2.5)
+    raises("steps must be an integer >= 0, got True", steps=True)
+    raises("a per-parameter lam needs theta's keys: missing ['b'], unknown ['v']",
+           lam={"w": torch.tensor(1.0), "v": torch.tensor(1.0)})  # fmt: skip
+    raises("lam['w'] must be >= 0 and finite", lam={"w": torch.tensor(float("inf")), "b": torch.tensor(1.0)})
+    raises("lam['w'] must be >= 0 and finite", lam={"w": torch.tensor(-1.0), "b": torch.tensor(1.0)})
+    raises("lr must be > 0, got 0.0", optimizer="gd", lr=0.0)
+    raises("optimizer 'gd' takes no extra options, got ['momentum']", optimizer="gd", momentum=0.9)
+    raises("optimizer 'sgd' takes only momentum, dampening, nesterov, weight_decay, got ['betas']",
+           optimizer="SGD", betas=(0.9, 0.9))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=re.escape("nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+    ):
+        proximal_adapt(support, theta, 1.0, 2, optimizer="sgd", nesterov=True)
+    # lam = 0 per parameter is allowed (no proximal pull on that tensor)
+    phi = proximal_adapt(support, theta, {"w": torch.tensor(0.0), "b": torch.tensor(1.0)}, 2, optimizer="gd")
+    assert torch.equal(phi["w"], torch.full((2,), 0.64)) and torch.equal(phi["b"], torch.tensor([-0.19]))
