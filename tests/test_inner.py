@@ -516,7 +516,9 @@ def test_hessian_free_with_one_cg_step_takes_the_cauchy_step():
     A, b = M @ M.T + torch.eye(6, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
     theta = {"w": torch.randn(6, generator=gen, dtype=torch.float64)}
     lam = 0.5
-    phi = hessian_free_adapt(lambda p: 0.5 * p["w"] @ A @ p["w"] - b @ p["w"], theta, lam, 1, hf_cg_steps=1)
+    f, calls = counted(lambda p: 0.5 * p["w"] @ A @ p["w"] - b @ p["w"])
+    phi = hessian_free_adapt(f, theta, lam, 1, hf_cg_steps=1)
+    assert len(calls) == 2  # the gradient, then one trial: the search stops at the first accepted step
     g = A @ theta["w"] - b
     expected = theta["w"] - (g @ g) / (g @ (A @ g) + lam * g @ g) * g
     torch.testing.assert_close(phi["w"], expected, rtol=1e-13, atol=0)
