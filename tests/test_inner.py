@@ -433,6 +433,8 @@ def test_rise_threshold_is_16_float_eps_relative():
             _rose(one + 17 * eps, one)
         )  # both exact in binary
         assert not bool(_rose(-one + 16 * eps, -one)) and bool(_rose(-one + 17 * eps, -one))  # |old|, not old
+        four = 4 * one  # relative to |old|: at 4 the allowance is 4 x 16 eps
+        assert not bool(_rose(four * (1 + 16 * eps), four)) and bool(_rose(four * (1 + 17 * eps), four))
 
 
 def test_sgd_nesterov_needs_momentum_and_no_dampening_as_torch_optim():
@@ -783,6 +785,9 @@ def test_input_checks_name_the_bad_value():
     raises("lam['w'] must be >= 0 and finite", lam={"w": torch.tensor(float("inf")), "b": torch.tensor(1.0)})
     raises("lam['w'] must be >= 0 and finite", lam={"w": torch.tensor(-1.0), "b": torch.tensor(1.0)})
     raises("lr must be > 0, got 0.0", optimizer="gd", lr=0.0)
+    raises(
+        "unknown optimizer <class 'torch.optim.sgd.SGD'>", optimizer=torch.optim.SGD
+    )  # torch_optimizer_adapt's
     raises("optimizer 'gd' takes no extra options, got ['momentum']", optimizer="gd", momentum=0.9)
     raises("optimizer 'sgd' takes only momentum, dampening, nesterov, weight_decay, got ['betas']",
            optimizer="SGD", betas=(0.9, 0.9))  # fmt: skip
