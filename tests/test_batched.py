@@ -462,3 +462,25 @@ def test_probe_compares_vmapped_and_per_task_losses():
         True,
         "ok",
     )
+
+
+def test_probe_reports_the_first_line_of_what_failed():
+    from lightning_imaml.metagrad import ForwardCast
+
+    sx, sy, *_ = tiny_batch(2, dtype=torch.float32)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+
+    def failing(message):
+        def loss_fn(out, y):
+            raise ValueError(message)
+
+        return loss_fn
+
+    assert probe_batching(model, sx, sy, loss_fn=failing("bad target\nsecond line")) == (
+        False,
+        "ValueError: bad target",
+    )
+    assert probe_batching(model, sx, sy, loss_fn=failing("")) == (False, "ValueError: ")
+    # torch 2.14.1's vmap cannot differentiate BatchNorm under a CPU autocast: reported, so training loops
+    ok, reason = probe_batching(TinyCNN(), sx, sy, cast=ForwardCast("cpu", torch.bfloat16))
+    assert not ok and reason.startswith("RuntimeError: expected scalar type BFloat16"), reason
