@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation score of the pure-torch core (`make mutation`): mutmut 3 with the config in pyproject.toml
 # ([tool.mutmut]); prints killed / total and writes mutants/mutmut-cicd-stats.json. Resumable: mutmut keeps
-# its results under mutants/ and re-runs only mutants whose function or tests changed.
+# its results under mutants/ and re-runs only mutants whose function changed: after adding tests, delete mutants/
+# (or reset the survivors' exit codes in mutants/**/*.meta) so that cached survivors are judged again.
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 cd "$(dirname "$0")/.."
