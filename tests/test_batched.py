@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lightning_imaml import IMAML
+from lightning_imaml import IMAML, batched, metagrad
 from lightning_imaml.batched import (
     BATCHED_INNER_OPTIMIZERS,
     BatchingUnsupported,
@@ -29,10 +29,12 @@ from lightning_imaml.batched import (
     batched_proximal_adapt,
     imaml_batched_meta_gradient,
     probe_batching,
+    summarise_tasks,
+    vmap_tasks,
 )
 from lightning_imaml.implicit import conjugate_gradient
 from lightning_imaml.inner import OPTIMIZERS, proximal_adapt
-from lightning_imaml.metagrad import make_task_loss, mse_loss
+from lightning_imaml.metagrad import ForwardCast, TaskResult, make_task_loss, mse_loss
 from lightning_imaml.models import OmniglotConv4
 
 # per solver: (inner steps, largest / fixed step, options); chosen so that tasks differ in accepted steps
@@ -328,9 +330,6 @@ def test_batched_functions_pass_every_option_through(monkeypatch):
     """Defaults and pass-through of the batched entry points, checked where they land: phi against the
     per-task solver with the same options spelled out, and the autocast setting, vmap's chunk size and its
     randomness as recorded by spies on the functions that receive them."""
-    from lightning_imaml import batched, metagrad
-    from lightning_imaml.metagrad import ForwardCast
-
     casts, vmaps = [], []
     real_ctx, real_vmap = metagrad._autocast_ctx, batched.vmap
     monkeypatch.setattr(metagrad, "_autocast_ctx", lambda cast: casts.append(cast) or real_ctx(cast))
@@ -388,9 +387,6 @@ def test_probe_names_the_module_and_uses_the_parameters_given():
 
 
 def test_summarise_tasks_by_hand():
-    from lightning_imaml.batched import summarise_tasks
-    from lightning_imaml.metagrad import TaskResult
-
     logits = torch.tensor(
         [[[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 5.0], [4.0, 1.0, 0.0]],  # predicts 0, 1, 2, 0
          [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]]  # predicts 1, 1, 1, 2
@@ -421,7 +417,6 @@ def test_vmap_tasks_under_inference_mode_and_its_checks():
     """Lightning validates under torch.inference_mode and the inner solve still needs gradients: a vmapped
     gradient of inputs made there is right. (vmap_tasks also leaves inference mode and clones inference
     tensors; in torch 2.14.1 torch.func needs neither, so those guards are listed as equivalent mutants.)"""
-    from lightning_imaml.batched import vmap_tasks
 
     def task_grad(x):
         return torch.func.grad(lambda w: (w * x).pow(2).sum())(torch.ones(3, dtype=x.dtype))
@@ -444,8 +439,6 @@ class _Noise(nn.Module):
 
 
 def test_probe_compares_vmapped_and_per_task_losses():
-    from lightning_imaml.metagrad import ForwardCast
-
     sx, sy, *_ = tiny_batch(2, dtype=torch.float32)
     torch.manual_seed(0)
     noisy = nn.Sequential(nn.Flatten(), nn.Linear(64, 5), _Noise())
@@ -465,8 +458,6 @@ def test_probe_compares_vmapped_and_per_task_losses():
 
 
 def test_probe_reports_the_first_line_of_what_failed():
-    from lightning_imaml.metagrad import ForwardCast
-
     sx, sy, *_ = tiny_batch(2, dtype=torch.float32)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
 

@@ -15,10 +15,17 @@ from torch.func import functional_call
 from lightning_imaml.implicit import implicit_meta_gradient
 from lightning_imaml.inner import (
     OPTIMIZERS,
+    _rose,
+    _sufficient_decrease,
+    _two_loop,
+    adam_adapt,
     gd_adapt,
+    gd_armijo_adapt,
     hessian_free_adapt,
+    lbfgs_adapt,
     proximal_adapt,
     proximal_objective,
+    sgd_adapt,
     torch_optimizer_adapt,
 )
 from lightning_imaml.params import flatten
@@ -245,8 +252,6 @@ def torch_optim_reference(support, theta, lam, steps, cls, **kw):
 
 
 def test_fixed_step_solver_defaults_are_torch_optims_at_lr_0_1():
-    from lightning_imaml.inner import adam_adapt, sgd_adapt
-
     theta, support, _ = logistic_task(seed=4)
     sgd = torch_optim_reference(support, theta, 0.3, 6, torch.optim.SGD, lr=0.1)
     adam = torch_optim_reference(support, theta, 0.3, 6, torch.optim.Adam, lr=0.1)
@@ -276,8 +281,6 @@ def test_line_search_solver_defaults_are_the_documented_ones():
     0.5, tolerance_grad 1e-10), hf (5 CG steps, lr 1, c1 1e-4, backtrack 0.5, 10 backtracks, gtol 0): a
     call without options equals one that spells them out, on problems where each option shows: changing
     any one of them changes the answer (checked, so this test cannot pass by insensitivity)."""
-    from lightning_imaml.inner import gd_armijo_adapt, lbfgs_adapt
-
     theta, support, _ = logistic_task(seed=5, d=12, n=16)
 
     def scaled(c):  # curvature c times the logistic task's: at c = 100, lr 0.1 is rejected and grown again
@@ -425,8 +428,6 @@ def test_zero_steps_return_theta_and_a_report_at_theta(name):
 
 
 def test_rise_threshold_is_16_float_eps_relative():
-    from lightning_imaml.inner import _rose
-
     for dtype in (torch.float64, torch.float32):
         eps, one = torch.finfo(dtype).eps, torch.tensor(1.0, dtype=dtype)
         assert not bool(_rose(one + 16 * eps, one)) and bool(
@@ -551,8 +552,6 @@ def test_lbfgs_two_loop_equals_the_dense_bfgs_inverse_hessian():
     """-H g by the two-loop recursion against H built densely: H0 = (s'y / y'y) I from the newest pair,
     then H <- (I - rho s y') H (I - rho y s') + rho s s' for each pair from oldest to newest. Empty history
     slots (rho = 0) are no-ops, and with no pair at all H = I."""
-    from lightning_imaml.inner import _two_loop
-
     gen = torch.Generator().manual_seed(10)
     n, m = 7, 4
     M = torch.randn(n, n, generator=gen, dtype=torch.float64)
@@ -589,8 +588,6 @@ def test_lbfgs_two_loop_equals_the_dense_bfgs_inverse_hessian():
 def test_lbfgs_first_step_is_torch_optims(far):
     """The first L-BFGS step is -g scaled by lr min(1, 1/|g|_1), as torch.optim.LBFGS (max_iter=1) takes it;
     on this convex task Armijo accepts it."""
-    from lightning_imaml.inner import lbfgs_adapt
-
     c = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
     theta = {"w": c + (torch.tensor([9.0, -8.0, 7.0]) if far else torch.tensor([0.9, -0.8, 0.7])).double()}
 
@@ -616,8 +613,6 @@ def test_lbfgs_first_step_is_torch_optims(far):
 def test_lbfgs_backtracks_and_scales_armijo_by_the_step():
     """G = 1000 ||w||^2 from theta = (0.1, 0.2), lam 0: g = 2000 theta, |g|_1 = 600, first t = 1/600 lands
     at theta (1 - 10/3): G rises, rejected; t = 1/1200 lands at -2/3 theta, accepted (G falls by 5/9)."""
-    from lightning_imaml.inner import lbfgs_adapt
-
     theta = {"w": torch.tensor([0.1, 0.2], dtype=torch.float64)}
     phi, info = lbfgs_adapt(lambda p: 1000 * (p["w"] ** 2).sum(), theta, 0.0, 2, return_info=True)
     assert info.accepted.item() == 1
@@ -625,8 +620,6 @@ def test_lbfgs_backtracks_and_scales_armijo_by_the_step():
 
 
 def test_lbfgs_gradient_tolerance_is_inclusive():
-    from lightning_imaml.inner import lbfgs_adapt
-
     theta, support, _ = logistic_task(seed=11)
     g = grad_G(support, theta, theta, 0.5)
     phi, info = lbfgs_adapt(support, theta, 0.5, 3, tolerance_grad=g.abs().max().item(), return_info=True)
@@ -655,8 +648,6 @@ def test_lbfgs_falls_back_to_steepest_descent_without_a_descent_direction(direct
 
 
 def test_lbfgs_history_size_checks():
-    from lightning_imaml.inner import lbfgs_adapt
-
     theta, support, _ = logistic_task(seed=12)
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match=re.escape(f"history_size must be an integer >= 1, got {bad!r}")):
@@ -701,7 +692,6 @@ def test_gd_armijo_follows_its_documented_rule(lr, c, backtrack, grow):
     decrease is below 1024 x the rounding of G) on G = 1e4 + w^2 / 2 + 2 w^4 from w = 1.5: curvature 55
     there, 1 at the minimum, so t shrinks first and grows later, and the large constant puts the last
     steps in the gradient branch."""
-    from lightning_imaml.inner import gd_armijo_adapt
 
     def G(w):
         return 1e4 + 0.5 * w * w + 2.0 * w**4
@@ -724,8 +714,6 @@ def test_gd_armijo_follows_its_documented_rule(lr, c, backtrack, grow):
 
 def test_gd_armijo_accepts_rho_equal_to_c_and_checks_its_options():
     """G = 2 w^2 from w = 1 with t = 1/4: the step lands on 0, rho = (2 - 0) / (t g^2) = 1/2 exactly = c."""
-    from lightning_imaml.inner import gd_armijo_adapt
-
     theta = {"w": torch.tensor([1.0], dtype=torch.float64)}
 
     def support(p):
@@ -750,8 +738,6 @@ def test_sufficient_decrease_and_its_rounding_allowance():
     """Armijo G(new) <= G(old) + predicted; where the predicted decrease is within 1024 x the rounding of G
     (16 eps max(|G(old)|, |G(new)|)), a step that raises G by at most that rounding passes. Values chosen
     exact in binary so that each comparison sits on its boundary."""
-    from lightning_imaml.inner import _sufficient_decrease
-
     eps = torch.finfo(torch.float64).eps
 
     def ok(new, old, predicted):
