@@ -25,8 +25,10 @@ What this script adds on top of a plain ``LightningCLI``:
   plus ``last.ckpt``; configurable as ``--checkpoint.*``) and ``lr_monitor``; default loggers: CSV, plus
   TensorBoard when ``tensorboard`` is installed, both in ``lightning_logs/<experiment>/version_N``;
 * a configuration value that the classes reject (``--model.lam -1``) is reported like a parsing error:
-  usage line, one message naming the problem, exit status 2, no traceback (``IMAML_CLI_DEBUG=1``
-  re-raises).
+  usage line, one message naming the problem, exit status 2, no traceback; the user's errors found once
+  the run starts (a missing data root, ``--data.n_way`` larger than a split, a missing, unreadable or
+  incompatible ``--ckpt_path``) end in one line ``error: <message>``, exit status 2 (``--traceback`` or
+  ``IMAML_CLI_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ from datamodules import (  # noqa: F401
     SinusoidDataModule,
 )
 from lightning_imaml import FOMAML, IMAML, MAML, MetaLearner, MiniImageNetConv4, OmniglotConv4, SinusoidMLP  # noqa: F401
+from lightning_imaml.checkpoints import check_compatible, read_checkpoint
+from lightning_imaml.errors import CheckpointError, UserInputError
 
 # ----------------------------------------------------------------------------------------------------------
 # The embedded default experiment: `python train.py fit` with no --config runs configs/sinusoid_imaml.yaml
@@ -332,6 +336,10 @@ class MetaLearningCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         argv = kwargs.get("args")
         argv = sys.argv[1:] if argv is None else argv
+        if isinstance(argv, (list, tuple)) and "--traceback" in argv:  # ours, not a LightningCLI option
+            argv = [a for a in argv if a != "--traceback"]
+            kwargs["args"] = argv
+            os.environ["IMAML_CLI_DEBUG"] = "1"
         self._argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else []
         self._use_embedded_default = isinstance(argv, (list, tuple)) and _picked(self._argv, "config") is None
         kwargs.setdefault("model_class", MetaLearner)
@@ -419,6 +427,27 @@ class MetaLearningCLI(LightningCLI):
                 raise
             self._parser(self.subcommand).error(f"invalid configuration: {_clean_error(err)}")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before any hook: check the file first
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and str(path) not in ("best", "last", "hpc", "registry"):
+            ckpt = _report_user_errors(read_checkpoint, path)
+            _report_user_errors(_check_learner_and_network, ckpt, self.config[sub].get("model"), path)
+        super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The subcommand, with the checkpoint checked first; the user's errors (a missing data root, sizes a
+        split cannot serve, a bad checkpoint) end it with one line and exit status 2."""
+
+        def run():
+            ckpt_path = self.config[subcommand].get("ckpt_path")
+            if ckpt_path and str(ckpt_path) not in ("best", "last", "hpc", "registry"):
+                check_compatible(read_checkpoint(ckpt_path), self.model, ckpt_path)
+            super(MetaLearningCLI, self)._run_subcommand(subcommand)
+
+        _report_user_errors(run)
+
     # ---- subcommand hooks --------------------------------------------------------------------------------
     def before_fit(self) -> None:
         # the network before meta-training: after the meta-test it is adapted the same way, for comparison
@@ -444,7 +473,7 @@ class MetaLearningCLI(LightningCLI):
         untrained.load_state_dict(self._initial_state)
         for batch in self.datamodule.test_dataloader():
             untrained._eval_step(tuple(t.to(trained.device) for t in batch), "test")
-        base = untrained._summarise("test")
+        base = untrained.eval_metrics.summarise("test")
         got = self.trainer.callback_metrics
         print(
             f"Untrained network, adapted the same way: query MSE {base['test/mse']:.4f} +- "
@@ -482,6 +511,42 @@ _HELP_FOOTER = (
     " --data.help OmniglotDataModule (MiniImageNetDataModule, SinusoidDataModule); every value in effect:"
     " --print_config."
 )
+
+
+def _class_name(spec: Any) -> str | None:
+    path = spec.get("class_path") if hasattr(spec, "get") else None
+    return str(path).rpartition(".")[2] if path else None
+
+
+def _check_learner_and_network(ckpt: dict, model_cfg: Any, path: str) -> None:
+    """A checkpoint of another learner class, or around another network, than the config's is the user's
+    error (LightningCLI would otherwise rebuild the checkpoint's model silently beside the config's data)."""
+    hp = ckpt.get("hyper_parameters") or {}
+    saved, wanted = str(hp.get("_class_path") or "").rpartition(".")[2], _class_name(model_cfg)
+    if saved and wanted and saved != wanted:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a {saved} but the config's model is {wanted}; use the config "
+            f"(or --model {saved}) the checkpoint was trained with"
+        )
+    init = model_cfg.get("init_args") if hasattr(model_cfg, "get") else None
+    saved_net, wanted_net = _class_name(hp.get("model") or {}), _class_name((init or {}).get("model") or {})
+    if saved_net and wanted_net and saved_net != wanted_net:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a network {saved_net} but the config's is {wanted_net}; use the "
+            "config the checkpoint was trained with"
+        )
+
+
+def _report_user_errors(fn, *args: Any) -> Any:
+    """``fn(*args)``; a :class:`~lightning_imaml.errors.UserInputError` ends the process with ``error:
+    <message>`` on stderr and exit status 2 (re-raised with ``--traceback`` / ``IMAML_CLI_DEBUG=1``)."""
+    try:
+        return fn(*args)
+    except UserInputError as err:
+        if os.environ.get("IMAML_CLI_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _clean_error(err: BaseException) -> str:

@@ -101,6 +101,20 @@ SETTINGS = {
 }
 # iMAML-GD with one learned lam per parameter tensor, from 2.0 (issue 13)
 SETTINGS["imaml_lam"] = dict(SETTINGS["imaml"], learn_lam="layer")
+# the iMAML-HF study (issue 23): one change each against imaml_hf; --hf-eval gd validates them like iMAML-GD
+# (16 gd_armijo steps at lam 0), --hf-eval hf (default) with HF's own protocol (HF at lam 2)
+_HF_EVAL_GD = dict(eval_inner_optimizer="gd_armijo", eval_inner_steps=16, eval_inner_lr=0.1, eval_lam=0.0)
+HF_STUDY = {
+    "imaml_hf_newton10": dict(inner_steps=10),
+    "imaml_hf_cg10": dict(hf_cg_steps=10),
+    "imaml_hf_gn": dict(inner_optimizer_kwargs={"curvature": "gauss_newton"}),
+    "imaml_hf_lm": dict(inner_optimizer_kwargs={"damping": 1.0, "adapt_damping": True}),
+    "imaml_hf_gn_lm": dict(
+        inner_optimizer_kwargs={"curvature": "gauss_newton", "damping": 1.0, "adapt_damping": True}
+    ),
+}
+for _name, _change in HF_STUDY.items():
+    SETTINGS[_name] = dict(SETTINGS["imaml_hf"], **_change)
 # windowed training metrics (per-step values averaged over --val-every / 5 steps)
 TRAIN_KEYS = {
     "train_loss": "train/loss",
@@ -109,8 +123,11 @@ TRAIN_KEYS = {
     "inner_residual_max": "train/inner_residual_max",
     "inner_rose": "train/inner_rose",
     "inner_accepted": "train/inner_accepted",
+    "inner_iterations": "train/inner_iterations",
     "cg_residual_max": "train/cg_residual_max",
 }
+# steps at which the probe records the training solver's residual (a solve of that many steps from theta)
+PROFILE_STEPS = (0, 1, 2, 4, 6, 8, 10, 12, 14, 16)
 
 log = logging.getLogger("accuracy")
 
@@ -149,6 +166,53 @@ def parse_args(argv=None):
         help="iMAML: solve ((1 + d) I + H/lam) x = g instead of the paper's d = 0 (configs: 0)",
     )
     p.add_argument("--probe-tasks", type=int, default=4, help="training tasks probed at each validation")
+    p.add_argument(
+        "--hf-eval",
+        choices=("hf", "gd"),
+        default="hf",
+        help="iMAML-HF methods: validate and test with HF at lam 2 (the training problem) or with 16 "
+        "gd_armijo steps at lam 0 (iMAML-GD's protocol)",
+    )
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated config files (configs/*.yaml) to run instead of --methods: the learner, "
+        "network and data module as train.py builds them, each run named after its file's stem",
+    )
+    p.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        help="a wall-clock budget of training per run (validation excluded): training stops at the first "
+        "step past it (--steps is then only an upper bound)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine-time"),
+        default="constant",
+        help="outer learning rate: constant, or a cosine from its value down to --lr-floor x it over the "
+        "--train-minutes budget (by seconds of training, so it ends where the budget does)",
+    )
+    p.add_argument("--lr-floor", type=float, default=0.05, help="final learning rate / initial (cosine-time)")
+    p.add_argument(
+        "--test-weights",
+        choices=("final", "best"),
+        default="final",
+        help="meta-test the final weights, or the ones of the best validation accuracy",
+    )
+    p.add_argument(
+        "--export",
+        default=None,
+        help="a folder: write each run's tested weights there as <name>.ckpt (weights and hyperparameters "
+        "only; IMAML.load_from_checkpoint and train.py test --ckpt_path read it)",
+    )
+    p.add_argument(
+        "--inner-tol",
+        type=float,
+        default=None,
+        help="iMAML-GD: stop a task's inner solve once its proximal gradient norm is below this share of its "
+        "norm at theta (IMAML(inner_tol=...); default: the package default)",
+    )
     p.add_argument("--inner-steps-override", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -160,6 +224,9 @@ def parse_args(argv=None):
 
 
 def method_settings(method: str, a) -> dict:
+    if method in getattr(a, "config_paths", {}):  # the config's learner arguments (the network aside)
+        class_path, init, net, data = config_parts(a.config_paths[method])
+        return {"cls": class_path, **init, "model": net, "data": data}
     s = dict(SETTINGS[method])
     if a.like_for_like and method != "imaml":
         s.update(inner_steps=16, inner_lr=0.1, eval_inner_steps=16, eval_inner_lr=0.1)
@@ -169,7 +236,23 @@ def method_settings(method: str, a) -> dict:
             s["cg_steps"] = 2
     if a.cg_damping is not None and "cg_damping" in s:
         s["cg_damping"] = a.cg_damping
+    if a.inner_tol is not None and method in ("imaml", "imaml_lam"):
+        s["inner_tol"] = a.inner_tol
+    if method.startswith("imaml_hf") and a.hf_eval == "gd":
+        s.update(_HF_EVAL_GD)
     return s
+
+
+def config_parts(path: str) -> tuple[str, dict, dict, dict]:
+    """(learner class path, its init_args without the network, network spec, data init_args) of a config."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    model = dict(cfg["model"])
+    init = dict(model.get("init_args") or {})
+    net = init.pop("model")
+    data = dict((cfg.get("data") or {}).get("init_args") or {})
+    return model["class_path"], init, net, data
 
 
 def _float(x):
@@ -215,34 +298,78 @@ def collapse_check(val_curve, train_curve, drop_points: float = 3.0, loss_factor
 
 
 def probe_row(module, tasks) -> dict:
-    """Curvature and inner-solve probe at the current theta on fixed training tasks (floats)."""
+    """Curvature and inner-solve probe at the current theta on fixed training tasks (floats): the top
+    support-Hessian eigenvalue, the training solver's residual and rise flag, and the residual relative to its
+    value at theta after k steps of that solver (without early stopping) for k in PROFILE_STEPS."""
+    import dataclasses
+
     import torch
 
     from lightning_imaml.diagnostics import hessian_top_eigenvalue
-    from lightning_imaml.metagrad import adapt, make_task_loss
+    from lightning_imaml.metagrad import adapt_tasks, make_task_loss
 
     theta = {k: v.detach() for k, v in module.meta_parameters().items()}
-    eigs, res, rose = [], [], []
+    sx = torch.stack([x for x, _ in tasks])
+    sy = torch.stack([y for _, y in tasks])
+    lam, solver = module.current_lam(), module.inner_solver
+    kw = dict(loss_fn=module.loss_fn, lam=lam)
     with torch.inference_mode(False), torch.enable_grad():
-        for sx, sy in tasks:
-            eigs.append(hessian_top_eigenvalue(make_task_loss(module.model, sx, sy, module.loss_fn), theta))
-            _, info = adapt(
-                module.model,
-                theta,
-                sx,
-                sy,
-                loss_fn=module.loss_fn,
-                lam=module.current_lam(),
-                steps=module.inner_steps,
-                lr=module.inner_lr,
-                optimizer=module.inner_optimizer,
-                hf_cg_steps=module.hf_cg_steps,
-                optimizer_kwargs=module.inner_optimizer_kwargs,
-                return_info=True,
-            )
-            res.append(float(info.residual))
-            rose.append(bool(info.rose))
-    return {"eig": eigs, "inner_residual": res, "inner_rose": rose}
+        eigs = [
+            hessian_top_eigenvalue(make_task_loss(module.model, x, y, module.loss_fn), theta)
+            for x, y in tasks
+        ]
+        _, info = adapt_tasks(module.model, theta, sx, sy, solver=solver, **kw)
+        profile = {}
+        if solver.name != "hf":
+            exact = dataclasses.replace(solver, tol=0.0, atol=0.0)
+            for k in PROFILE_STEPS:
+                _, at_k = adapt_tasks(
+                    module.model, theta, sx, sy, solver=dataclasses.replace(exact, steps=k), **kw
+                )
+                profile[str(k)] = (at_k.residual / at_k.residual0).tolist()
+    return {
+        "eig": eigs,
+        "inner_residual": info.residual.tolist(),
+        "inner_rose": info.rose.tolist(),
+        "inner_iterations": info.iterations.tolist(),
+        "residual_rel_by_step": profile,
+    }
+
+
+def _budget_callback():
+    import math
+
+    import pytorch_lightning as pl
+
+    class Budget(pl.Callback):
+        """Ends training at the first step past ``minutes`` of training (the Curves' clock), and with
+        ``schedule="cosine-time"`` sets the outer learning rate of every parameter group before each step to
+        base x (floor + (1 - floor) (1 + cos(pi f)) / 2), f = seconds of training / budget: a cosine over the
+        budget's time rather than a guessed number of steps."""
+
+        def __init__(self, minutes, schedule, floor, curves):
+            self.seconds = None if minutes is None else 60.0 * minutes
+            self.schedule, self.floor, self.curves = schedule, floor, curves
+            self.base: list[float] | None = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if self.schedule != "cosine-time" or self.seconds is None:
+                return
+            opt = trainer.optimizers[0]
+            if self.base is None:
+                self.base = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
+                for g, b in zip(opt.param_groups, self.base, strict=True):
+                    g.setdefault("initial_lr", b)
+            f = min(1.0, self.curves.train_s / self.seconds)
+            scale = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * f))
+            for g, b in zip(opt.param_groups, self.base, strict=True):
+                g["lr"] = b * scale
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if self.seconds is not None and self.curves.train_s >= self.seconds:
+                trainer.should_stop = True
+
+    return Budget
 
 
 def run_method(method: str, a, out_path: Path) -> dict:
@@ -257,12 +384,14 @@ def run_method(method: str, a, out_path: Path) -> dict:
     from inner_stability import probe_tasks
 
     every = max(1, a.val_every // 5)
+    Budget = _budget_callback()
 
     class Curves(pl.Callback):
         """Learning curves, probes and seconds of training; saved in checkpoints, so a resumed run goes on."""
 
         def __init__(self):
             self.val, self.train, self.probe = [], [], []
+            self.best = None  # {"step", "val_acc", "state_dict"} of the best validation accuracy so far
             self.train_s, self.wall_offset = 0.0, 0.0
             self.t0 = time.time()
             self._window: dict[str, list] = {}
@@ -277,12 +406,14 @@ def run_method(method: str, a, out_path: Path) -> dict:
                 "val": self.val,
                 "train": self.train,
                 "probe": self.probe,
+                "best": self.best,
                 "train_s": self.train_s,
                 "wall_s": self.wall(),
             }
 
         def load_state_dict(self, state):
             self.val, self.train, self.probe = state["val"], state["train"], state["probe"]
+            self.best = state.get("best")
             self.train_s, self.wall_offset, self.t0 = state["train_s"], state["wall_s"], time.time()
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -317,6 +448,9 @@ def run_method(method: str, a, out_path: Path) -> dict:
             if getattr(module, "log_lam", None) is not None:
                 row["lam"] = {k: float(v.float().mean()) for k, v in module.current_lam().items()}
             self.val.append(row)
+            if row["val_acc"] is not None and (self.best is None or row["val_acc"] > self.best["val_acc"]):
+                weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                self.best = {"step": row["step"], "val_acc": row["val_acc"], "state_dict": weights}
             pr = ""
             if self.tasks:
                 probe = {"step": row["step"], **probe_row(module, self.tasks)}
@@ -346,27 +480,49 @@ def run_method(method: str, a, out_path: Path) -> dict:
         torch.set_num_threads(a.threads)
     pl.seed_everything(a.seed, workers=True, verbose=False)
     device = common.pick_device(a.device)
-    s = method_settings(method, a)
-    cls = getattr(meta, s.pop("cls"))
-    module = cls(
-        model=OmniglotConv4(a.n_way), optimizer=functools.partial(torch.optim.Adam, lr=a.outer_lr), **s
-    )
-    dm = OmniglotDataModule(
-        n_way=a.n_way,
-        k_shot=a.k_shot,
-        k_query=a.k_query,
-        meta_batch_size=a.meta_batch_size,
-        seed=a.seed,
-        val_tasks=a.eval_tasks,
-        test_tasks=a.test_tasks,
-        eval_meta_batch_size=a.eval_meta_batch_size,
-        split="paper",
-        rotations=True,
-    )
+    if method in a.config_paths:  # as train.py builds it: the learner by LightningCLI's instantiator
+        from pytorch_lightning.cli import instantiate_module
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+        class_path, init, net, data_args = config_parts(a.config_paths[method])
+        cls = common.import_object(class_path)
+        # the config itself as the hyperparameters (LightningCLI's way): the checkpoints then rebuild the
+        # network from its class_path with load_from_checkpoint(path) alone, and hold only primitives
+        hparams = {"_class_path": class_path, **init, "model": net}
+        with _given_hyperparameters_context(
+            hparams=hparams, instantiator="pytorch_lightning.cli.instantiate_module"
+        ):
+            module = instantiate_module(cls, {**init, "model": net})
+        data_args.update(
+            seed=a.seed,
+            val_tasks=a.eval_tasks,
+            test_tasks=a.test_tasks,
+            eval_meta_batch_size=a.eval_meta_batch_size,
+        )
+        dm = OmniglotDataModule(**{k: v for k, v in data_args.items() if k != "root" or v is not None})
+    else:
+        s = method_settings(method, a)
+        cls = getattr(meta, s.pop("cls"))
+        module = cls(
+            model=OmniglotConv4(a.n_way), optimizer=functools.partial(torch.optim.Adam, lr=a.outer_lr), **s
+        )
+        dm = OmniglotDataModule(
+            n_way=a.n_way,
+            k_shot=a.k_shot,
+            k_query=a.k_query,
+            meta_batch_size=a.meta_batch_size,
+            seed=a.seed,
+            val_tasks=a.eval_tasks,
+            test_tasks=a.test_tasks,
+            eval_meta_batch_size=a.eval_meta_batch_size,
+            split="paper",
+            rotations=True,
+        )
     ckpt_dir = out_path.parent / f"{Path(a.out).stem}_ckpt" / method
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last = ckpt_dir / "last.ckpt"
     curves = Curves()
+    budget = Budget(a.train_minutes, a.lr_schedule, a.lr_floor, curves)
     trainer = pl.Trainer(
         max_steps=a.steps,
         val_check_interval=a.val_every,
@@ -377,7 +533,7 @@ def run_method(method: str, a, out_path: Path) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[curves],
+        callbacks=[curves, budget],
         enable_checkpointing=False,
     )
     log.info("%s: start (%s)", method, json.dumps(method_settings(method, a)))
@@ -387,14 +543,35 @@ def run_method(method: str, a, out_path: Path) -> dict:
     else:
         trainer.validate(module, datamodule=dm, verbose=False)  # the step-0 point of the learning curve
         trainer.fit(module, datamodule=dm)
-    if not curves.val or curves.val[-1]["step"] != a.steps:
+    if not curves.val or curves.val[-1]["step"] != trainer.global_step:
         trainer.validate(module, datamodule=dm, verbose=False)
+    tested = {"weights": "final", "step": int(trainer.global_step)}
+    if a.test_weights == "best" and curves.best is not None:
+        module.load_state_dict(curves.best["state_dict"])
+        tested = {
+            "weights": "best validation accuracy",
+            "step": curves.best["step"],
+            "val_acc": curves.best["val_acc"],
+        }
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    exported = None
+    if a.export:
+        exported = Path(a.export) / f"{method}.ckpt"
+        exported.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(
+            exported, weights_only=True
+        )  # state_dict and hyperparameters: a few hundred kB
     res = {
         "method": method,
         "settings": method_settings(method, a),
-        "steps": a.steps,
+        "steps": int(trainer.global_step),
         "meta_batch_size": a.meta_batch_size,
+        "config": a.config_paths.get(method),
+        "seed": a.seed,
+        "train_minutes_budget": a.train_minutes,
+        "lr_schedule": {"kind": a.lr_schedule, "floor": a.lr_floor},
+        "tested": tested,
+        "exported": str(exported) if exported else None,
         "val_curve": curves.val,
         "train_curve": curves.train,
         "probe": curves.probe,
@@ -404,7 +581,7 @@ def run_method(method: str, a, out_path: Path) -> dict:
         "test_tasks": a.test_tasks,
         "train_wall_s": curves.train_s,
         "total_wall_s": curves.wall(),
-        "s_per_meta_step": curves.train_s / max(1, a.steps),
+        "s_per_meta_step": curves.train_s / max(1, int(trainer.global_step)),
         "train_s_to_val_acc": {f"{int(100 * lv)}%": first_reaching(curves.val, lv) for lv in (0.8, 0.9)},
         "collapse_check": collapse_check(curves.val, curves.train),
         "skipped_steps": int(getattr(module, "skipped_steps", 0)),
@@ -470,7 +647,8 @@ def main(argv=None):
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*IterableDataset.*")
-    methods = a.methods.split(",")
+    a.config_paths = {Path(c).stem: c for c in a.configs.split(",")} if a.configs else {}
+    methods = list(a.config_paths) if a.configs else a.methods.split(",")
     a.git = common.START_GIT  # at start: later commits do not change the code this process runs
     log.info("accuracy benchmark: %s (git %s)", " ".join(sys.argv), a.git)
     calibration = None

@@ -1,7 +1,6 @@
-"""Shared helpers for the benchmark scripts (``memory.py``, ``speed.py``, ``accuracy.py``).
-
-Nothing here imports Lightning; the project modules are imported lazily so that a missing optional piece
-(for example the batched path) is reported in the results instead of crashing the benchmark.
+"""The benchmark scripts' one harness (issue 25): machine information, episodes, timing (one call, or many
+contenders interleaved round-robin), peak memory, results as JSON stamped with the commit they ran on, and the
+plotting setup. Every script in ``benchmarks/`` imports it as ``common`` (``sys.path`` holds this folder).
 """
 
 from __future__ import annotations
@@ -12,12 +11,12 @@ import os
 import platform
 import sys
 import time
+import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -46,10 +45,10 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "load_avg_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    for name in ("torchopt", "learn2learn", "lightning"):
+    for name in ("torchopt", "learn2learn", "pytorch_lightning"):
         try:
             info[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - optional packages
+        except Exception:  # noqa: BLE001 - optional packages (learn2learn's C extension may fail to load)
             info[name] = None
     return info
 
@@ -65,86 +64,49 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def import_object(path: str) -> Any:
+    """``"package.module.Name"`` -> the object."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-# ------------------------------------------------------------------------------------------------ models
-class _RefOmniglotConv4(nn.Module):
-    """The paper's Omniglot network, used only if ``lightning_imaml.models`` is not importable.
-
-    4 x [conv3x3 stride 2 pad 1, 64 ch, BatchNorm(track_running_stats=False), ReLU] + Linear(256, n_way):
-    28 -> 14 -> 7 -> pad 8 -> 4 -> 2, 2 x 2 x 64 = 256 features (as ``lightning_imaml.models``).
-    """
-
-    def __init__(self, n_way: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 1
-        for i in range(4):
-            layers += [
-                nn.Conv2d(c_in, 64, 3, stride=2, padding=1),
-                nn.BatchNorm2d(64, track_running_stats=False),
-                nn.ReLU(),
-            ]
-            if i == 1:
-                layers.append(nn.ZeroPad2d((0, 1, 0, 1)))
-            c_in = 64
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(256, n_way)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
-
-
-def make_conv4(n_way: int) -> tuple[nn.Module, str]:
-    """The project's ``OmniglotConv4`` (or the reference copy above); returns (model, source)."""
-    try:
-        from lightning_imaml.models import OmniglotConv4
-
-        return OmniglotConv4(n_way), "lightning_imaml.models.OmniglotConv4"
-    except Exception:  # noqa: BLE001
-        return _RefOmniglotConv4(n_way), "benchmarks.common._RefOmniglotConv4 (project model unavailable)"
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------------------------- episodes
 def random_episodes(
     meta_batch: int, n_way: int, k_shot: int, k_query: int, seed: int = 0, device: torch.device | str = "cpu"
 ):
-    """A batch of random tasks with the shapes of collated Omniglot episodes (contract: ``Episode``)."""
+    """A batch of random tasks with the shapes of collated Omniglot episodes (an ``Episode``)."""
+    from datamodules.episodic import Episode
+
     g = torch.Generator().manual_seed(seed)
     sx = torch.rand(meta_batch, n_way * k_shot, 1, 28, 28, generator=g)
     qx = torch.rand(meta_batch, n_way * k_query, 1, 28, 28, generator=g)
     sy = torch.arange(n_way).repeat_interleave(k_shot).expand(meta_batch, -1).contiguous()
     qy = torch.arange(n_way).repeat_interleave(k_query).expand(meta_batch, -1).contiguous()
-    batch = (sx.to(device), sy.to(device), qx.to(device), qy.to(device))
-    try:
-        from datamodules.episodic import Episode
-
-        return Episode(*batch)
-    except Exception:  # noqa: BLE001
-        return batch
+    return Episode(sx.to(device), sy.to(device), qx.to(device), qy.to(device))
 
 
 def omniglot_episodes(meta_batch: int, n_way: int, k_shot: int, k_query: int, seed: int = 0, device="cpu"):
-    """One batch of real Omniglot training episodes, or None when the data module or data is unavailable."""
-    try:
-        from datamodules import OmniglotDataModule
+    """One batch of real Omniglot training episodes, or None when the Omniglot data is not found."""
+    from datamodules import OmniglotDataModule
+    from lightning_imaml.errors import DataNotFoundError
 
-        dm = OmniglotDataModule(
-            n_way=n_way, k_shot=k_shot, k_query=k_query, meta_batch_size=meta_batch, seed=seed, num_workers=0
-        )
+    dm = OmniglotDataModule(
+        n_way=n_way, k_shot=k_shot, k_query=k_query, meta_batch_size=meta_batch, seed=seed, num_workers=0
+    )
+    try:
         dm.setup("fit")
-        batch = next(iter(dm.train_dataloader()))
-        return type(batch)(*(t.to(device) for t in batch))
-    except Exception:  # noqa: BLE001
+    except DataNotFoundError:
         return None
+    batch = next(iter(dm.train_dataloader()))
+    return type(batch)(*(t.to(device) for t in batch))
 
 
 def episodes(meta_batch, n_way, k_shot, k_query, seed=0, device="cpu", source="auto"):
@@ -154,35 +116,27 @@ def episodes(meta_batch, n_way, k_shot, k_query, seed=0, device="cpu", source="a
         if b is not None:
             return b, "omniglot"
         if source == "omniglot":
-            raise RuntimeError("OmniglotDataModule or the Omniglot data is unavailable")
+            raise RuntimeError("the Omniglot data is not found (IMAML_OMNIGLOT_ROOT)")
     return random_episodes(meta_batch, n_way, k_shot, k_query, seed, device), "random"
 
 
 def task(batch, i: int):
+    """Task ``i`` of a meta-batch: ``(support_x, support_y, query_x, query_y)`` without the task dimension."""
     sx, sy, qx, qy = batch
     return sx[i], sy[i], qx[i], qy[i]
 
 
-def ce_loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """params -> cross-entropy of ``model`` (functional) on (x, y)."""
-    from torch.func import functional_call
-
-    def loss(params):
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return loss
-
-
 # ----------------------------------------------------------------------------------------------- numbers
-def tree_flat(d) -> torch.Tensor:
-    if isinstance(d, dict):
+def flat(d) -> torch.Tensor:
+    """A dict (in its order) or sequence of tensors as one vector."""
+    if isinstance(d, Mapping):
         d = list(d.values())
     return torch.cat([t.reshape(-1) for t in d])
 
 
 def rel_err_and_cosine(a, b) -> tuple[float, float]:
     """Global relative error ||a-b|| / ||b|| and cosine, over all parameters, in float64."""
-    fa, fb = tree_flat(a).double(), tree_flat(b).double()
+    fa, fb = flat(a).double(), flat(b).double()
     rel = float((fa - fb).norm() / fb.norm().clamp_min(1e-300))
     cos = float(fa @ fb / (fa.norm() * fb.norm()).clamp_min(1e-300))
     return rel, cos
@@ -196,16 +150,14 @@ def median(xs):
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-def mean_ci95(values) -> tuple[float, float]:
-    """Mean and 1.96 x standard error."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    m = sum(values) / n
-    if n == 1:
-        return m, math.nan
-    var = sum((v - m) ** 2 for v in values) / (n - 1)
-    return m, 1.96 * math.sqrt(var / n)
+# ------------------------------------------------------------------------------------------------ timing
+def keep_freed_memory(device: torch.device) -> bool:
+    """On CPU, :func:`lightning_imaml.cpu.keep_freed_memory` (as ``MetaLearner.setup`` does under a
+    Trainer): glibc then reuses freed MB-sized blocks instead of page-faulting fresh ones. Process-wide, so it
+    applies to every contender alike; call it once at the start. Returns whether it applied."""
+    from lightning_imaml.cpu import keep_freed_memory as keep
+
+    return torch.device(device).type == "cpu" and keep()
 
 
 def sync(device: torch.device) -> None:
@@ -214,11 +166,46 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn()`` (the device synchronised before and after)."""
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    device: torch.device,
+    *,
+    rotate: bool = True,
+    label: str = "round",
+    report: Callable[[str], Any] | None = print,
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Time every callable once per round, round-robin, for ``rounds`` rounds, so that load from other
+    processes hits all alike. ``rotate``: the order starts one later every round. A callable that raises is
+    dropped from the later rounds. Returns ``(times, failures)``: name -> seconds of each round it ran, and
+    name -> ``"ExceptionType: message"``; ``report`` (None: silent) gets one line per call."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    failures: dict[str, str] = {}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)] if rotate and names else names
+        for n in order:
+            if n in failures:
+                continue
+            try:
+                dt = timed(fns[n], device)
+            except Exception as e:  # noqa: BLE001 - recorded, the other contenders go on
+                failures[n] = f"{type(e).__name__}: {e}"
+                if report:
+                    report(f"{label} {r} {n}: failed\n{traceback.format_exc()}")
+                continue
+            times[n].append(dt)
+            if report:
+                report(f"{label} {r} {n}: {dt:.3f} s")
+    return times, failures
 
 
 # --------------------------------------------------------------------------------------------------- I/O
@@ -277,10 +264,12 @@ def _json_default(o):
 
 
 def png_path(json_path: str | Path) -> Path:
+    """The plot beside a JSON result: the same name with ``.png``."""
     return Path(json_path).with_suffix(".png")
 
 
 def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (scripts write PNG files, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -7,25 +7,24 @@ Measures, on the CPU this runs on (meant for 2 cores):
   ``LoadData``, ``ConsecutiveLabels``, ``RemapLabels`` over the same in-memory uint8 tensor (no rotations on
   either side for this comparison), split per class into support/query and stacked into a meta-batch.
 
-Writes benchmarks/results/data_throughput.json. Usage::
+Writes benchmarks/results/data_throughput.json (``--out``) and a bar chart beside it. Usage::
 
-    python benchmarks/data_throughput.py [--quick] [--batches N]
+    python benchmarks/data_throughput.py [--batches N] [--threads 2]
+    python benchmarks/data_throughput.py --quick --out /tmp/data_throughput.json   # seconds, for the tests
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402  (puts the repository root on sys.path)
+import torch  # noqa: E402
 
 from datamodules import Episode, OmniglotDataModule  # noqa: E402
 from datamodules import omniglot as omniglot_module  # noqa: E402
@@ -107,22 +106,29 @@ def dm_kwargs(dm: OmniglotDataModule) -> dict:
     return dict(root=dm.root, n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, meta_batch_size=META_BATCH)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer batches, skip the cold decode")
     parser.add_argument("--batches", type=int, default=None, help="meta-batches timed per configuration")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_throughput.json"))
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--out", default=str(common.default_out("data_throughput")))
+    args = parser.parse_args(argv)
     batches = args.batches or (10 if args.quick else 50)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result: dict = {
-        "task": f"Omniglot {N_WAY}-way {K_SHOT}-shot, {K_QUERY} query/class, meta-batch {META_BATCH}",
-        "batches_timed": batches,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "benchmark": "data_throughput",
+        "created": common.now(),
+        "machine": common.machine_info("cpu"),
+        "config": {
+            "task": f"Omniglot {N_WAY}-way {K_SHOT}-shot, {K_QUERY} query/class, meta-batch {META_BATCH}",
+            "batches_timed": batches,
+            "threads": torch.get_num_threads(),
+            "quick": args.quick,
+        },
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     kwargs = dict(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, meta_batch_size=META_BATCH)
 
@@ -154,9 +160,37 @@ def main() -> None:
     result["learn2learn_batches_timed"] = l2l_batches
     print(f"learn2learn TaskDataset, no rotations: {eps:.0f} episodes/s", flush=True)
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    out = common.write_json(args.out, result)
+    plot(result, common.png_path(out))
+    print("wrote", out)
+    return result
+
+
+def plot(result, path):
+    """Episodes per second of each pipeline (log scale)."""
+    plt = common.pyplot()
+    from matplotlib.ticker import NullFormatter
+
+    bars = {
+        "direct, 0 workers": "direct_episodes_per_s_workers0",
+        "direct, 2 workers": "direct_episodes_per_s_workers2",
+        "direct, no rotations, 0 workers": "direct_no_rotations_episodes_per_s_workers0",
+        "learn2learn TaskDataset, no rotations": "learn2learn_no_rotations_episodes_per_s_workers0",
+    }
+    fig, ax = plt.subplots(figsize=(7, 2.8), dpi=110)
+    values = [result[k] for k in bars.values()]
+    ax.barh(list(bars), values, color=["tab:red", "tab:red", "tab:red", "tab:blue"])
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(values) / 2, max(values) * 3)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("episodes (tasks) per second")
+    ax.set_title(f"{result['config']['task']}, {result['machine']['cpu_count']} CPU cores", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Peak memory of one meta-gradient vs the number of inner steps: IMAML vs MAML vs FOMAML (issue 6).
 
 Setting: the paper's Omniglot Conv4, 5-way 1-shot and 20-way 1-shot, k_query 15 (15 query images per
-class), inner steps 1, 5, 10, 25, 50, 100, meta-batch 1 task (``--meta-batch-size``), inner GD lr 0.1,
-IMAML lam 2 and 5 CG steps, MAML and FOMAML lam 0; random tensors of the Omniglot shapes (memory does not
-depend on pixel values). Each (method, setting, steps) case runs in its own subprocess (fresh allocator, no
-state from other cases), which builds the module and the data, runs one warm-up meta-gradient with 1 inner
-step (one-time allocations: kernels, autograd engine), then measures one meta-gradient
+class), inner steps 1, 5, 10, 25, 50, 100, meta-batch 1 task (``--meta-batch-size``), inner fixed-step GD
+lr 0.1, IMAML lam 2 and 5 CG steps, MAML and FOMAML lam 0; random tensors of the Omniglot shapes (memory does
+not depend on pixel values). The learners compute their tasks one at a time (``batched_tasks=False``), so no
+chunk-size timing or batching probe runs inside the measurement. On CPU the process first calls
+``lightning_imaml.cpu.keep_freed_memory()``, as ``IMAML.setup`` does under a Trainer.
+
+Each (method, setting, steps) case runs in its own subprocess (fresh allocator, no state from other cases),
+which builds the data, runs one warm-up meta-gradient of a 1-step learner (one-time allocations: kernels,
+autograd engine), then builds the measured learner and measures one meta-gradient
 (``module.meta_gradient(batch)``, the project's public per-meta-batch method) two ways:
 
 * primary, ``peak_mib``: on CPU the allocator-level peak from ``torch.profiler`` memory events
@@ -38,44 +42,37 @@ METHODS = ("IMAML", "MAML", "FOMAML")
 
 
 # ------------------------------------------------------------------------------------------- one case (child)
+def learner(method: str, n_way: int, steps: int, a):
+    """The learner of one case (its own network, seeded), computing its tasks one at a time."""
+    import torch
+
+    from lightning_imaml import meta
+    from lightning_imaml.models import OmniglotConv4
+
+    torch.manual_seed(a.seed)
+    kw = dict(inner_steps=steps, inner_lr=a.inner_lr, batched_tasks=False)
+    if method == "IMAML":
+        kw.update(lam=a.lam, cg_steps=a.cg_steps, inner_optimizer="gd")
+    return getattr(meta, method)(model=OmniglotConv4(n_way), **kw).to(common.pick_device(a.device))
+
+
 def run_case(method: str, n_way: int, steps: int, a) -> dict:
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
     device = common.pick_device(a.device)
-    torch.manual_seed(a.seed)
-    from lightning_imaml import meta
-
-    model, model_src = common.make_conv4(n_way)
-    model = model.to(device)
+    common.keep_freed_memory(device)
     batch = common.random_episodes(a.meta_batch_size, n_way, a.k_shot, a.k_query, a.seed, device)
-    kw = dict(inner_steps=steps, inner_lr=a.inner_lr)
-    if method == "IMAML":
-        kw.update(lam=a.lam, cg_steps=a.cg_steps, inner_optimizer="gd", batched_tasks=False)
-    elif method == "IMAML_batched":
-        kw.update(
-            lam=a.lam,
-            cg_steps=a.cg_steps,
-            inner_optimizer="gd",
-            batched_tasks=True,
-            batched_chunk_size=a.chunk_size,
-        )
-    cls = getattr(meta, method.split("_")[0])
-    module = cls(model=model, **kw).to(device)
+    learner(method, n_way, 1, a).meta_gradient(batch)  # warm-up: the process's one-time allocations
+    module = learner(method, n_way, steps, a)
 
-    # warm-up with the same module, 1 inner step
-    module.inner_steps = 1
-    module.meta_gradient(batch)
-    module.inner_steps = steps
-
-    out = {"method": method, "n_way": n_way, "inner_steps": steps, "model": model_src}
+    out = {"method": method, "n_way": n_way, "inner_steps": steps}
     if device.type == "cpu":
         out["rss_peak_mib"] = common.rss_peak_mib(lambda: module.meta_gradient(batch))
     nbytes, how = common.peak_memory_bytes(lambda: module.meta_gradient(batch), device)
     out["peak_mib"] = common.mib(nbytes)
     out["peak_mib_per_task"] = common.mib(nbytes) / a.meta_batch_size
-    out["batched"] = bool(getattr(module, "_batching_ok", False))
     out["method_of_measurement"] = how
     return out
 
@@ -90,14 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--k-shot", type=int, default=1)
     p.add_argument("--k-query", type=int, default=15)
     p.add_argument("--steps", default="1,5,10,25,50,100")
-    p.add_argument("--methods", default=",".join(METHODS), help="subset of IMAML,MAML,FOMAML,IMAML_batched")
-    p.add_argument("--meta-batch-size", type=int, default=1)
-    p.add_argument(
-        "--chunk-size",
-        type=int,
-        default=None,
-        help="IMAML_batched: tasks per vmap call (default: all at once)",
-    )
+    p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
+    p.add_argument("--meta-batch-size", type=int, default=1, help="tasks, computed one at a time")
     p.add_argument("--inner-lr", type=float, default=0.1)
     p.add_argument("--lam", type=float, default=2.0)
     p.add_argument("--cg-steps", type=int, default=5)
@@ -129,6 +120,10 @@ def main(argv=None):
     n_ways = [int(x) for x in a.n_ways.split(",")]
     steps = [int(x) for x in a.steps.split(",")]
     methods = a.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
+    kept = common.keep_freed_memory(device)  # recorded; every case (subprocess or not) calls it
     t0 = time.time()
     cases, failures = [], []
     forward = [x for x in (argv if argv is not None else sys.argv[1:]) if not x.startswith("--case")]
@@ -177,7 +172,7 @@ def main(argv=None):
             "inner_steps": steps,
             "methods": methods,
             "meta_batch_size": a.meta_batch_size,
-            "chunk_size": a.chunk_size,
+            "batched_tasks": False,
             "inner_lr": a.inner_lr,
             "inner_optimizer": "gd",
             "lam_imaml": a.lam,
@@ -185,6 +180,8 @@ def main(argv=None):
             "cg_steps": a.cg_steps,
             "threads": a.threads or torch.get_num_threads(),
             "data": "random tensors of Omniglot shape",
+            "model": "lightning_imaml.models.OmniglotConv4",
+            "keep_freed_memory": kept,
             "quick": a.quick,
             "seed": a.seed,
         },
@@ -230,7 +227,6 @@ def plot(result, path):
         "IMAML": ("tab:red", "o"),
         "MAML": ("tab:blue", "s"),
         "FOMAML": ("tab:green", "^"),
-        "IMAML_batched": ("tab:orange", "x"),
     }
     m = result["machine"]
     dev = m["gpu_name"] or f"CPU, {cfg['threads']} thread(s)"

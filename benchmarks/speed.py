@@ -1,25 +1,35 @@
 """Median time per meta-step of iMAML and its peers, interleaved in one process (issues 6 and 7).
 
-Setting (defaults): Omniglot 5-way 1-shot, k_query 15, meta-batch 32, the paper's Conv4, 16 inner GD steps
-(lr 0.1) on the proximal objective L_support(phi) + lam/2 ||phi - theta||^2, lam 2, 5 CG steps.
+Setting (defaults): Omniglot 5-way 1-shot, k_query 15, meta-batch 32, the paper's Conv4, 16 inner steps of
+fixed-step proximal GD (lr 0.1) on L_support(phi) + lam/2 ||phi - theta||^2, lam 2, 5 CG steps.
 
-Contenders (each computes the meta-gradient of one meta-batch into gradients for theta; the outer optimiser
-step, identical for all and ~1 ms, is not timed):
-  imaml               this project's IMAML, per-task loop
-  imaml_batched       this project's IMAML, its per-task meta-gradient vmapped over the tasks (issues 7, 14)
+Contenders (each computes the meta-gradient of one meta-batch; the outer optimiser step, identical for all
+and ~1 ms, is not timed):
+  imaml               this project's IMAML, per-task loop (``batched_tasks=False``): the reference of all
+                      ratios
+  imaml_default       this project's IMAML as shipped (``batched_tasks=None``): the chunk size (tasks
+                      computed at once; 1 = the loop) is chosen by timing on the first meta-batch and recorded
+  imaml_learned_lam   IMAML with one learned lam per parameter tensor (``learn_lam="layer"``), per-task loop
   torchopt_cg         TorchOpt ImplicitMetaGradientModule, linear_solve=solve_cg(maxiter=5): the same
                       5-step CG approximation of the same linear system as ours (checked first: "agreement")
   torchopt_normal_cg  TorchOpt with solve_normal_cg(maxiter=5), as TorchOpt's own iMAML example: CG on the
                       normal equations A^T A x = A^T b, a different and slower-converging approximation
                       (two HVPs per step), so its time is not a like-for-like comparison
-  maml, fomaml        this project's MAML (second order, unrolled, lam 0) and FOMAML, same steps and lr
+  maml, fomaml        this project's MAML (second order, unrolled, lam 0) and FOMAML as shipped
+                      (``batched_tasks=None``), same steps and lr
   l2l_maml            learn2learn's l2l.algorithms.MAML wrapper (second order), same network, steps, lr
   floor               per task: one support gradient x inner steps + one standalone Hessian-vector product
                       (double backward) x CG steps + one query gradient, in a plain loop, x meta-batch
+(This project's fixed-step solvers evaluate one support gradient more than they take steps: the last one
+reports the solve's residual.)
 
-All contenders run round-robin in one process (a warm-up call of each on 2 tasks, then ``--rounds`` rounds,
-the order rotated every round) and the median per contender is reported, so that machine noise (2 shared
-cores) hits all alike.
+On CPU, ``lightning_imaml.cpu.keep_freed_memory()`` is called once at the start, as ``IMAML.setup`` does
+under a Trainer: glibc then reuses freed blocks instead of page-faulting fresh ones. It is process-wide, so it
+applies to every contender alike (TorchOpt's, learn2learn's and the floor too).
+
+Every contender runs once untimed on the meta-batch (one-time initialisation; the default paths choose their
+chunk size there), then all run round-robin in one process for ``--rounds`` rounds, the order rotated every
+round, and the median per contender is reported, so that machine noise (2 shared cores) hits all alike.
 
 Usage:
   python benchmarks/speed.py                 # full run -> benchmarks/results/speed.json + speed.png
@@ -34,138 +44,72 @@ import math
 import os
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import (  # noqa: E402
-    ce_loss_fn,
-    episodes,
-    machine_info,
-    make_conv4,
-    median,
-    mib,
-    peak_memory_bytes,
-    rel_err_and_cosine,
-    task,
-    timed,
-    write_json,
-)
-from torch.func import functional_call  # noqa: E402
+from common import median, mib, rel_err_and_cosine, task  # noqa: E402
+
+from lightning_imaml import meta  # noqa: E402
+from lightning_imaml.cg import conjugate_gradient  # noqa: E402
+from lightning_imaml.implicit import hessian_vector_product, implicit_meta_gradient  # noqa: E402
+from lightning_imaml.inner import proximal_adapt  # noqa: E402
+from lightning_imaml.metagrad import make_task_loss  # noqa: E402
+from lightning_imaml.models import OmniglotConv4  # noqa: E402
+from lightning_imaml.params import detached  # noqa: E402
 
 NOTES = {
-    "imaml": "this project's IMAML, per-task loop (reference for all ratios)",
-    "imaml_batched": "this project's IMAML, all tasks batched with torch.func.vmap (issues 7, 14)",
-    "imaml_learned_lam": "this project's IMAML with one learned lam per parameter tensor (issue 13)",
+    "imaml": "this project's IMAML, per-task loop (batched_tasks=False; reference for all ratios)",
+    "imaml_default": "this project's IMAML as shipped (batched_tasks=None: chunk size chosen by timing on "
+    "the first meta-batch, see chunk_size)",
+    "imaml_learned_lam": "this project's IMAML with one learned lam per parameter tensor (issue 13), "
+    "per-task loop",
     "torchopt_cg": "TorchOpt ImplicitMetaGradientModule + linear_solve.solve_cg(maxiter=5): same 5-step CG "
     "on the same system as ours (see agreement)",
     "torchopt_normal_cg": "TorchOpt + linear_solve.solve_normal_cg(maxiter=5), as TorchOpt's iMAML example: "
     "CG on the normal equations, a DIFFERENT, slower-converging approximation (2 HVPs per step) - not "
     "like-for-like",
-    "maml": "this project's MAML (second order through the unrolled inner loop, lam 0)",
-    "fomaml": "this project's FOMAML (first order, lam 0)",
+    "maml": "this project's MAML (second order through the unrolled inner loop, lam 0), as shipped",
+    "fomaml": "this project's FOMAML (first order, lam 0), as shipped",
     "l2l_maml": "learn2learn l2l.algorithms.MAML(first_order=False) on the same network",
     "floor": "measured floor: per task, support gradient x inner_steps + standalone HVP (double backward) x "
     "cg_steps + query gradient, in a plain loop, x meta-batch",
-    "imaml_core": "this project's pure-torch core in a loop (inner.proximal_adapt + "
-    "implicit.implicit_meta_gradient)",
+}
+# this project's learners: name -> (class, extra arguments)
+LEARNERS = {
+    "imaml": ("IMAML", dict(batched_tasks=False)),
+    "imaml_default": ("IMAML", {}),
+    "imaml_learned_lam": ("IMAML", dict(batched_tasks=False, learn_lam="layer")),
+    "maml": ("MAML", {}),
+    "fomaml": ("FOMAML", {}),
 }
 
 
 # ------------------------------------------------------------------------------------------ project pieces
-def _import_or_none(modname: str, attr: str):
-    try:
-        mod = __import__(modname, fromlist=[attr])
-        return getattr(mod, attr)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def gd_adapt(support_loss, theta, lam, steps, lr):
-    """Proximal GD inner loop (the contract's "gd"): the project's proximal_adapt if present, else this
-    copy."""
-    proximal_adapt = _import_or_none("lightning_imaml.inner", "proximal_adapt")
-    if proximal_adapt is not None:
-        return proximal_adapt(support_loss, theta, lam, steps, optimizer="gd", lr=lr)
-    phi = {k: v.detach().clone() for k, v in theta.items()}
-    for _ in range(steps):
-        p = {k: v.requires_grad_(True) for k, v in phi.items()}
-        g = torch.autograd.grad(support_loss(p), list(p.values()))
-        with torch.no_grad():
-            phi = {k: p[k] - lr * (gk + lam * (p[k] - theta[k])) for k, gk in zip(p, g, strict=True)}
-    return {k: v.detach() for k, v in phi.items()}
-
-
 def query_grad(model, phi, qx, qy):
     p = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-    loss = F.cross_entropy(functional_call(model, p, (qx,)), qy)
+    loss = make_task_loss(model, qx, qy, F.cross_entropy)(p)
     return dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True)), loss.detach()
 
 
-def core_imaml_task(model, theta, t, lam, steps, lr, cg_steps, return_info=False):
-    from lightning_imaml.implicit import implicit_meta_gradient
-
+def core_imaml_task(model, theta, t, a):
+    """One task through the pure-torch core: proximal GD (``proximal_adapt``), then the implicit solve.
+    Returns the :class:`~lightning_imaml.implicit.ImplicitGradient` and phi."""
     sx, sy, qx, qy = t
-    sl = ce_loss_fn(model, sx, sy)
-    phi = gd_adapt(sl, theta, lam, steps, lr)
+    support = make_task_loss(model, sx, sy, F.cross_entropy)
+    phi, _ = proximal_adapt(support, theta, a.lam, a.inner_steps, optimizer="gd", lr=a.inner_lr)
     g, _ = query_grad(model, phi, qx, qy)
-    return implicit_meta_gradient(sl, phi, g, lam, cg_steps, return_info=return_info), phi
+    return implicit_meta_gradient(support, phi, g, a.lam, a.cg_steps), phi
 
 
-def make_core_imaml(model, batch, a):
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    B = batch[0].shape[0]
-
-    def run():
-        acc = None
-        for i in range(B):
-            x, _ = core_imaml_task(model, theta, task(batch, i), a.lam, a.inner_steps, a.inner_lr, a.cg_steps)
-            acc = x if acc is None else {k: acc[k] + x[k] for k in acc}
-        return {k: v / B for k, v in acc.items()}
-
-    return run
-
-
-META_GRAD_METHODS = ("meta_gradient", "compute_meta_gradient", "meta_grad", "outer_gradient")
-
-
-def find_meta_grad_method(module):
-    for name in META_GRAD_METHODS:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return name, fn
-    return None, None
-
-
-def make_module(kind: str, model, a, **extra):
-    cls = _import_or_none("lightning_imaml.meta", kind)
-    if cls is None:
-        raise RuntimeError(f"lightning_imaml.meta.{kind} is not importable")
-    kw = dict(inner_steps=a.inner_steps, inner_lr=a.inner_lr)
-    if kind == "IMAML":
+def make_learner(name, model, a):
+    cls, extra = LEARNERS[name]
+    kw = dict(inner_steps=a.inner_steps, inner_lr=a.inner_lr, **extra)
+    if cls == "IMAML":
         kw.update(lam=a.lam, cg_steps=a.cg_steps, inner_optimizer="gd")
-    kw.update(extra)
-    return cls(model=model, **kw)
-
-
-def make_module_contender(kind, model, batch, a, **extra):
-    module = make_module(kind, model, a, **extra)
-    name, fn = find_meta_grad_method(module)
-    if fn is None:
-        raise RuntimeError(f"{kind} has none of the methods {META_GRAD_METHODS}")
-
-    def run():
-        return fn(batch)
-
-    return run, module, name
-
-
-def make_batched_contender(model, batch, a):
-    """IMAML(batched_tasks=True).meta_gradient: the same per-task meta-gradient under torch.func.vmap."""
-    return make_module_contender("IMAML", model, batch, a, batched_tasks=True)
+    return getattr(meta, cls)(model=model, **kw)
 
 
 # ------------------------------------------------------------------------------------------------- TorchOpt
@@ -225,8 +169,7 @@ def torchopt_task_grad(InnerNet, meta_net, t, a, scale=1.0, phi0=None):
 def make_torchopt(model, batch, a, solver: str):
     import torchopt
 
-    ls = getattr(torchopt.linear_solve, solver)(maxiter=a.cg_steps)
-    InnerNet = torchopt_inner_class(ls)
+    InnerNet = torchopt_inner_class(getattr(torchopt.linear_solve, solver)(maxiter=a.cg_steps))
     B = batch[0].shape[0]
 
     def run():
@@ -260,14 +203,12 @@ def make_l2l(model, batch, a):
 
 # ---------------------------------------------------------------------------------------------------- floor
 def make_floor(model, batch, a):
-    from lightning_imaml.implicit import hessian_vector_product
-
-    theta = {k: v.detach() for k, v in model.named_parameters()}
+    theta = detached(dict(model.named_parameters()))
     B = batch[0].shape[0]
 
     def grad_at(x, y):
-        p = {k: v.requires_grad_(True) for k, v in ((k, v.detach()) for k, v in theta.items())}
-        loss = F.cross_entropy(functional_call(model, p, (x,)), y)
+        p = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        loss = make_task_loss(model, x, y, F.cross_entropy)(p)
         return dict(zip(p, torch.autograd.grad(loss, list(p.values())), strict=True))
 
     def run():
@@ -277,9 +218,9 @@ def make_floor(model, batch, a):
             for _ in range(a.inner_steps):
                 grad_at(sx, sy)
             g = grad_at(qx, qy)
-            sl = ce_loss_fn(model, sx, sy)
+            support = make_task_loss(model, sx, sy, F.cross_entropy)
             for _ in range(a.cg_steps):
-                hessian_vector_product(sl, theta, g)
+                hessian_vector_product(support, theta, g)
             out = g
         return out
 
@@ -291,31 +232,26 @@ def agreement(model, batch, a, n_tasks: int, dtype: torch.dtype) -> dict:
     """TorchOpt solve_cg vs ours on identical inputs.
 
     same_phi: both given the same adapted phi (our proximal GD), so only the implicit solve differs;
-    end_to_end: each runs its own 16-step proximal GD from the same theta, then its own implicit solve.
+    end_to_end: each runs its own proximal GD from the same theta, then its own implicit solve.
     TorchOpt solves (d^2 obj/dphi^2) u = (H + lam I) u = g and multiplies by -d(grad obj)/dtheta = lam; ours
     solves (I + H/lam) x = g. x = lam u exactly, and CG's iterates scale the same way, so 5-step CG agrees
-    too.
-    The scaling check solves both systems with the same CG code and compares lam * u with x.
+    too. The scaling check solves both systems with the same CG code and compares lam * u with x.
     """
     import torchopt
-
-    from lightning_imaml.implicit import conjugate_gradient, hessian_vector_product
 
     m = copy.deepcopy(model).to(dtype)
     b = tuple(t.to(dtype) if t.is_floating_point() else t for t in batch)
     InnerNet = torchopt_inner_class(torchopt.linear_solve.solve_cg(maxiter=a.cg_steps))
-    theta = {k: v.detach() for k, v in m.named_parameters()}
+    theta = detached(dict(m.named_parameters()))
     out: dict = {"dtype": str(dtype).replace("torch.", ""), "tasks": n_tasks}
-    ours_same, ours_e2e, to_same, to_e2e = [], [], [], []
+    ours, to_same, to_e2e = [], [], []
     neg_curv, cg_steps_taken, scale_errs = 0, [], []
     for i in range(n_tasks):
         t = task(b, i)
-        (x, info), phi = core_imaml_task(m, theta, t, a.lam, a.inner_steps, a.inner_lr, a.cg_steps, True)
-        neg_curv += int(info.negative_curvature)
-        cg_steps_taken.append(info.steps)
-        ours_e2e.append(x)
-        # ours at the given phi = the same computation (phi is ours); keep for symmetry
-        ours_same.append(x)
+        res, phi = core_imaml_task(m, theta, t, a)
+        neg_curv += int(res.info.negative_curvature)
+        cg_steps_taken.append(int(res.info.steps))
+        ours.append(res.grad)
         m.zero_grad(set_to_none=True)
         torchopt_task_grad(InnerNet, m, t, a, phi0=tuple(phi[k] for k in theta))
         to_same.append({k: p.grad.detach().clone() for k, p in m.named_parameters()})
@@ -323,15 +259,15 @@ def agreement(model, batch, a, n_tasks: int, dtype: torch.dtype) -> dict:
         torchopt_task_grad(InnerNet, m, t, a)
         to_e2e.append({k: p.grad.detach().clone() for k, p in m.named_parameters()})
         # scaling: CG on (H + lam I) u = g vs CG on (I + H/lam) x = g, same CG code, same number of steps
-        sl = ce_loss_fn(m, t[0], t[1])
+        support = make_task_loss(m, t[0], t[1], F.cross_entropy)
         g, _ = query_grad(m, phi, t[2], t[3])
 
-        def mv_h_lam(v, sl=sl, phi=phi):
-            h = hessian_vector_product(sl, phi, v)
+        def mv_h_lam(v, support=support, phi=phi):
+            h = hessian_vector_product(support, phi, v)
             return {k: h[k] + a.lam * v[k] for k in v}
 
-        def mv_i_hlam(v, sl=sl, phi=phi):
-            h = hessian_vector_product(sl, phi, v)
+        def mv_i_hlam(v, support=support, phi=phi):
+            h = hessian_vector_product(support, phi, v)
             return {k: v[k] + h[k] / a.lam for k in v}
 
         u, _ = conjugate_gradient(mv_h_lam, g, a.cg_steps, curvature_eps=-math.inf)
@@ -341,7 +277,8 @@ def agreement(model, batch, a, n_tasks: int, dtype: torch.dtype) -> dict:
     def mean_tree(ts):
         return {k: sum(t[k] for t in ts) / len(ts) for k in ts[0]}
 
-    for label, ours, theirs in (("same_phi", ours_same, to_same), ("end_to_end", ours_e2e, to_e2e)):
+    # "same_phi" and "end_to_end" share our side: it is the same computation (phi is ours)
+    for label, theirs in (("same_phi", to_same), ("end_to_end", to_e2e)):
         rel, cos = rel_err_and_cosine(mean_tree(theirs), mean_tree(ours))
         per = [rel_err_and_cosine(th, o) for th, o in zip(theirs, ours, strict=True)]
         out[label] = {
@@ -375,18 +312,13 @@ def parse_args(argv=None):
     p.add_argument("--inner-lr", type=float, default=0.1)
     p.add_argument("--cg-steps", type=int, default=5)
     p.add_argument("--lam", type=float, default=2.0)
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=5,
-        help="timed rounds (after a warm-up call of each contender on 2 tasks)",
-    )
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one untimed call of each)")
     p.add_argument("--agreement-tasks", type=int, default=4)
     p.add_argument("--data", default="auto", choices=["auto", "omniglot", "random"])
     p.add_argument("--contenders", default="all", help="comma-separated subset of: " + ",".join(NOTES))
     p.add_argument(
         "--memory",
-        default="imaml,imaml_batched",
+        default="imaml,imaml_default",
         help="contenders whose peak memory of one meta-step is measured after the timing ('all', 'none' "
         "or a comma-separated list; one extra call each)",
     )
@@ -403,44 +335,26 @@ def parse_args(argv=None):
 
 
 def build_contenders(model, batch, a, wanted):
-    """name -> (callable, info dict). Unavailable contenders are returned in the skipped dict with a
-    reason."""
-    built, skipped, info = {}, {}, {}
-
-    def add(name, factory):
+    """``(built, skipped, learners)``: name -> callable of one meta-step, name -> why it could not be built,
+    name -> this project's learner module (whose chosen chunk size is recorded)."""
+    built, skipped, learners = {}, {}, {}
+    for name in NOTES:
         if name not in wanted:
-            return
+            continue
+        fresh = copy.deepcopy(model)  # every contender gets its own copy of the same initial network
         try:
-            res = factory()
-            if isinstance(res, tuple):
-                fn, module, method = res
-                info[name] = {"via": f"{type(module).__name__}.{method}(batch)"}
+            if name in LEARNERS:
+                module = learners[name] = make_learner(name, fresh, a)
+                built[name] = lambda module=module: module.meta_gradient(batch)
+            elif name.startswith("torchopt"):
+                built[name] = make_torchopt(fresh, batch, a, name.replace("torchopt_", "solve_"))
+            elif name == "l2l_maml":
+                built[name] = make_l2l(fresh, batch, a)
             else:
-                fn = res
-            built[name] = fn
-        except Exception as e:  # noqa: BLE001
+                built[name] = make_floor(fresh, batch, a)
+        except ImportError as e:  # a peer that is not installed here
             skipped[name] = f"{type(e).__name__}: {e}"
-
-    # every contender gets its own deep copy of the same initial network
-    def fresh():
-        return copy.deepcopy(model)
-
-    add("imaml", lambda: make_module_contender("IMAML", fresh(), batch, a, batched_tasks=False))
-    add("imaml_batched", lambda: make_batched_contender(fresh(), batch, a))
-    add(
-        "imaml_learned_lam",
-        lambda: make_module_contender("IMAML", fresh(), batch, a, batched_tasks=False, learn_lam="layer"),
-    )
-    add("torchopt_cg", lambda: make_torchopt(fresh(), batch, a, "solve_cg"))
-    add("torchopt_normal_cg", lambda: make_torchopt(fresh(), batch, a, "solve_normal_cg"))
-    add("maml", lambda: make_module_contender("MAML", fresh(), batch, a))
-    add("fomaml", lambda: make_module_contender("FOMAML", fresh(), batch, a))
-    add("l2l_maml", lambda: make_l2l(fresh(), batch, a))
-    add("floor", lambda: make_floor(fresh(), batch, a))
-    if "imaml" not in built and "imaml_core" not in wanted and wanted.issuperset({"imaml"}):
-        wanted = wanted | {"imaml_core"}  # fall back to the pure-torch core as the reference
-    add("imaml_core", lambda: make_core_imaml(fresh(), batch, a))
-    return built, skipped, info
+    return built, skipped, learners
 
 
 def main(argv=None):
@@ -452,17 +366,20 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     device = common.pick_device(a.device)
-    wanted = set(NOTES) - {"imaml_core"} if a.contenders == "all" else set(a.contenders.split(","))
+    kept = common.keep_freed_memory(device)
+    wanted = set(NOTES) if a.contenders == "all" else set(a.contenders.split(","))
+    unknown = wanted - set(NOTES)
+    if unknown:
+        raise SystemExit(f"unknown contenders {sorted(unknown)}; valid: {', '.join(NOTES)}")
     t_start = time.time()
 
-    model, model_src = make_conv4(a.n_way)
-    model = model.to(device)
-    batch, data_src = episodes(a.meta_batch_size, a.n_way, a.k_shot, a.k_query, a.seed, device, a.data)
+    model = OmniglotConv4(a.n_way).to(device)
+    batch, data_src = common.episodes(a.meta_batch_size, a.n_way, a.k_shot, a.k_query, a.seed, device, a.data)
 
     result: dict = {
         "benchmark": "speed",
         "created": common.now(),
-        "machine": machine_info(device),
+        "machine": common.machine_info(device),
         "config": {
             "n_way": a.n_way,
             "k_shot": a.k_shot,
@@ -475,9 +392,10 @@ def main(argv=None):
             "lam": a.lam,
             "rounds": a.rounds,
             "threads": torch.get_num_threads(),
-            "warmup": "each contender once on a 2-task slice",
+            "warmup": "each contender once on the meta-batch (the default paths choose their chunk size)",
+            "keep_freed_memory": kept,
             "data": data_src,
-            "model": model_src,
+            "model": "lightning_imaml.models.OmniglotConv4",
             "dtype": "float32",
             "quick": a.quick,
             "seed": a.seed,
@@ -492,42 +410,17 @@ def main(argv=None):
                 "float32": agreement(model, batch, a, a.agreement_tasks, torch.float32),
                 "float64": agreement(model, batch, a, a.agreement_tasks, torch.float64),
             }
-        except Exception as e:  # noqa: BLE001
-            result["agreement"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        print("agreement:", {k: v for k, v in result["agreement"].items()}, flush=True)
+        except ImportError as e:
+            result["agreement"] = {"error": f"{type(e).__name__}: {e}"}
+        print("agreement:", result["agreement"], flush=True)
 
-    # 2. interleaved timing
-    built, skipped, info = build_contenders(model, batch, a, wanted)
-    names = list(built)
-    print(f"contenders: {names}; skipped: {skipped}", flush=True)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    failed: dict[str, str] = {}
-    # warm-up: every contender once on a 2-task slice of the batch (one-time initialisation, kernel
-    # selection),
-    # cheaper than a full warm-up round
-    small = type(batch)(*(t[:2] for t in batch)) if hasattr(batch, "_fields") else tuple(t[:2] for t in batch)
-    warm, _, _ = build_contenders(model, small, a, set(names))
-    for n in names:
-        try:
-            print(f"warm-up {n}: {timed(warm[n], device):.3f} s (2 tasks)", flush=True)
-        except Exception as e:  # noqa: BLE001
-            failed[n] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-    del warm
-    for r in range(a.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)] if names else []
-        for n in order:
-            if n in failed:
-                continue
-            try:
-                dt = timed(built[n], device)
-            except Exception as e:  # noqa: BLE001
-                failed[n] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-                continue
-            times[n].append(dt)
-            print(f"round {r} {n}: {dt:.3f} s", flush=True)
-    for n, why in failed.items():
+    # 2. one untimed call each, then the interleaved timing
+    built, skipped, learners = build_contenders(model, batch, a, wanted)
+    print(f"contenders: {list(built)}; skipped: {skipped}", flush=True)
+    _, failed = common.interleaved(built, 1, device, label="warm-up")
+    ready = {n: f for n, f in built.items() if n not in failed}
+    times, failed_later = common.interleaved(ready, a.rounds, device)
+    for n, why in {**failed, **failed_later}.items():
         skipped[n] = why
         times.pop(n, None)
 
@@ -535,16 +428,15 @@ def main(argv=None):
     peaks: dict[str, float] = {}
     mem_method = None
     mem_names = list(times) if a.memory == "all" else [] if a.memory == "none" else a.memory.split(",")
-    if mem_names:
-        for n in [n for n in times if n in mem_names]:
-            try:
-                nbytes, mem_method = peak_memory_bytes(built[n], device)
-                peaks[n] = mib(nbytes)
-            except Exception as e:  # noqa: BLE001
-                peaks[n] = math.nan
-                print(f"memory {n} failed: {e}", flush=True)
+    for n in [n for n in times if n in mem_names]:
+        try:
+            nbytes, mem_method = common.peak_memory_bytes(built[n], device)
+            peaks[n] = mib(nbytes)
+        except Exception as e:  # noqa: BLE001 - the timings are kept
+            peaks[n] = math.nan
+            print(f"memory {n} failed: {e}", flush=True)
 
-    ref = "imaml" if "imaml" in times else ("imaml_core" if "imaml_core" in times else None)
+    ref = "imaml" if "imaml" in times else None
     ref_med = median(times[ref]) if ref else math.nan
     contenders = {}
     for n, ts in times.items():
@@ -552,11 +444,11 @@ def main(argv=None):
         contenders[n] = {
             "median_s": med,
             "times_s": ts,
-            "min_s": min(ts) if ts else math.nan,
-            "ratio_to_imaml": med / ref_med if ref else math.nan,
+            "min_s": min(ts),
+            "ratio_to_imaml": med / ref_med,
             "peak_memory_mib": peaks.get(n),
+            "chunk_size": learners[n].chunk_sizes.get("train") if n in learners else None,
             "note": NOTES[n],
-            **info.get(n, {}),
         }
     result["contenders"] = contenders
     result["skipped"] = skipped
@@ -564,28 +456,27 @@ def main(argv=None):
     result["memory_method"] = mem_method
 
     def ratio(x, y):
-        return (
-            contenders[x]["median_s"] / contenders[y]["median_s"]
-            if x in contenders and y in contenders
-            else None
-        )
+        if x not in contenders or y not in contenders:
+            return None
+        return contenders[x]["median_s"] / contenders[y]["median_s"]
 
     summary = {
-        "imaml_over_torchopt_cg": ratio(ref, "torchopt_cg") if ref else None,
-        "imaml_over_torchopt_normal_cg": ratio(ref, "torchopt_normal_cg") if ref else None,
-        "imaml_over_l2l_maml": ratio(ref, "l2l_maml") if ref else None,
-        "imaml_over_maml": ratio(ref, "maml") if ref else None,
-        "imaml_over_fomaml": ratio(ref, "fomaml") if ref else None,
-        "imaml_over_floor": ratio(ref, "floor") if ref else None,
-        "batched_over_looped": ratio("imaml_batched", ref) if ref else None,
+        "imaml_over_torchopt_cg": ratio("imaml", "torchopt_cg"),
+        "imaml_over_torchopt_normal_cg": ratio("imaml", "torchopt_normal_cg"),
+        "imaml_over_l2l_maml": ratio("imaml", "l2l_maml"),
+        "imaml_over_maml": ratio("imaml", "maml"),
+        "imaml_over_fomaml": ratio("imaml", "fomaml"),
+        "imaml_over_floor": ratio("imaml", "floor"),
+        "default_over_looped": ratio("imaml_default", "imaml"),
+        "default_chunk_size": contenders.get("imaml_default", {}).get("chunk_size"),
         "goal_imaml_over_torchopt_cg_max": 0.35,
-        "goal_batched_over_looped_max": 0.5 if device.type == "cpu" else 0.2,
+        "goal_default_over_looped_max": 0.5 if device.type == "cpu" else 0.2,
     }
-    if "imaml_batched" in peaks and ref in peaks and peaks[ref]:
-        summary["batched_over_looped_peak_memory"] = peaks["imaml_batched"] / peaks[ref]
+    if peaks.get("imaml_default") and peaks.get("imaml"):
+        summary["default_over_looped_peak_memory"] = peaks["imaml_default"] / peaks["imaml"]
     result["summary"] = summary
     result["wall_s"] = time.time() - t_start
-    out = write_json(a.out, result)
+    out = common.write_json(a.out, result)
     plot(result, common.png_path(out))
     print(f"wrote {out}", flush=True)
     for k, v in summary.items():
@@ -598,23 +489,24 @@ def plot(result, path):
     c = result["contenders"]
     names = sorted(c, key=lambda n: c[n]["median_s"])
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.6), dpi=120)
-    meds = [c[n]["median_s"] for n in names]
     colors = [
         "tab:red" if n.startswith("imaml") else ("tab:gray" if n == "floor" else "tab:blue") for n in names
     ]
-    labels = [n + " *" if n == "torchopt_normal_cg" else n for n in names]
-    ax.barh(labels, meds, color=colors)
+
+    # * marks the different approximation; this project's learners show their chunk size (1 = per-task loop)
+    def label(n):
+        if n == "torchopt_normal_cg":
+            return n + " *"
+        return f"{n} (chunk {c[n]['chunk_size']})" if c[n]["chunk_size"] else n
+
+    labels = [label(n) for n in names]
+    ax.barh(labels, [c[n]["median_s"] for n in names], color=colors)
     for y, n in enumerate(names):
         ts = c[n]["times_s"]
         ax.plot(ts, [y] * len(ts), "k.", ms=3)
         r = c[n]["ratio_to_imaml"]
-        ax.text(
-            max(ts + [c[n]["median_s"]]),
-            y,
-            f"  {c[n]['median_s']:.2f}s ({r:.2f}x)" if r == r else "",
-            va="center",
-            fontsize=8,
-        )
+        text = f"  {c[n]['median_s']:.2f}s ({r:.2f}x)" if r == r else ""
+        ax.text(max([*ts, c[n]["median_s"]]), y, text, va="center", fontsize=8)
     cfg, m = result["config"], result["machine"]
     dev = m["gpu_name"] or f"CPU, {m['torch_num_threads']} thread(s) of {m['cpu_count']} shared cores"
     xlabel = "median seconds per meta-step (dots: rounds); ratios to " + str(result["reference"])
@@ -628,7 +520,7 @@ def plot(result, path):
         f"{cfg['inner_steps']} inner steps, {cfg['cg_steps']} CG, lam {cfg['lam']}\n({dev})",
         fontsize=9,
     )
-    ax.set_xlim(0, max(max(c[n]["times_s"] or [0]) for n in names) * 1.35 if names else 1)
+    ax.set_xlim(0, max(max(c[n]["times_s"]) for n in names) * 1.35 if names else 1)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from lightning_imaml.errors import InvalidSettingError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -57,7 +59,7 @@ def check_positive(**values: int | None) -> None:
     """Raise ``ValueError`` naming the first non-positive (non-None) value."""
     for name, value in values.items():
         if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {name}={value}")
+            raise InvalidSettingError(f"{name} must be positive, got {name}={value}")
 
 
 class ClassificationTaskSampler:
@@ -92,12 +94,15 @@ class ClassificationTaskSampler:
         if rotations and images.shape[-1] != images.shape[-2]:
             raise ValueError(f"rotations need square images, got {tuple(images.shape[-2:])}")
         if n_way > self.num_classes:
-            raise ValueError(f"n_way={n_way} but split '{split}' has only {self.num_classes} classes")
+            raise InvalidSettingError(
+                f"n_way={n_way} but split '{split}' has only {self.num_classes} classes; use n_way <= "
+                f"{self.num_classes}"
+            )
         min_count = int(counts.min()) if len(counts) else 0
         if k_shot + k_query > min_count:
-            raise ValueError(
+            raise InvalidSettingError(
                 f"k_shot + k_query = {k_shot} + {k_query} = {k_shot + k_query} but split '{split}' has only "
-                f"{min_count} samples in its smallest class"
+                f"{min_count} samples in its smallest class; use k_shot + k_query <= {min_count}"
             )
         if rotations:
             # Pre-rotate only this split's images (Omniglot train: 22k x 784 B x 4 = 69 MB): rotation then

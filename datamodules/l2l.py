@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from datamodules.episodic import Episode, EpisodicDataModule
+from lightning_imaml.errors import InvalidSettingError
 
 __all__ = ["L2LTaskSampler", "L2LTaskSetDataModule"]
 
@@ -69,7 +70,7 @@ class L2LTaskSampler:
             )
         classes = _num_classes(taskset)
         if classes is not None and n_way > classes:
-            raise ValueError(f"n_way={n_way} but the {split} task set has only {classes} classes")
+            raise InvalidSettingError(f"n_way={n_way} but the {split} task set has only {classes} classes")
         self.taskset, self.split = taskset, split
         self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
 

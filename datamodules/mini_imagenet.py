@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from datamodules.episodic import ClassificationTaskSampler, EpisodicDataModule
+from lightning_imaml.errors import DataNotFoundError
 
 MODES = {"train": "train", "val": "validation", "test": "test"}
 SOURCES = (
@@ -42,7 +43,7 @@ def load_split(root: str | Path, split: str) -> tuple[Tensor, Tensor, Tensor]:
     """images uint8 [n, 3, 84, 84], class_table int64 [classes, max] (-1 padded), counts int64 [classes]."""
     path = cache_path(root, split)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"Mini-ImageNet split '{split}' not found: expected {path}. Put the three pickles "
             f"mini-imagenet-cache-{{train,validation,test}}.pkl in root={str(root)!r} (or set "
             f"IMAML_MINI_IMAGENET_ROOT); obtain them from {SOURCES.format(mode=MODES[split])}."

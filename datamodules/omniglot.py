@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from datamodules.episodic import ClassificationTaskSampler, EpisodicDataModule, check_positive
+from lightning_imaml.errors import DataNotFoundError, InvalidSettingError
 
 FOLDER = "omniglot-py"
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
@@ -101,7 +102,7 @@ def _list_characters(root: Path) -> tuple[list[str], list[bool], list[list[Path]
     base = root / FOLDER
     for name in (BACKGROUND, EVALUATION):
         if not (base / name).is_dir():
-            raise FileNotFoundError(missing_message(root))
+            raise DataNotFoundError(missing_message(root))
     entries = []
     for name in (BACKGROUND, EVALUATION):
         for alphabet in sorted(p for p in (base / name).iterdir() if p.is_dir()):
@@ -110,7 +111,7 @@ def _list_characters(root: Path) -> tuple[list[str], list[bool], list[list[Path]
                 if files:
                     entries.append((f"{alphabet.name}/{char.name}", name == BACKGROUND, files))
     if not entries:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"root={str(root)!r} holds no Omniglot images (*.png). {missing_message(root)}"
         )
     entries.sort(key=lambda e: e[0])
@@ -261,7 +262,7 @@ class OmniglotDataModule(EpisodicDataModule):
             if self.download:
                 download_omniglot(root)
             else:
-                raise FileNotFoundError(missing_message(root))
+                raise DataNotFoundError(missing_message(root))
 
     def _splits(self) -> dict[str, list[int]]:
         """Character indices (into the sorted character list) of each split, before rotations."""
@@ -271,7 +272,7 @@ class OmniglotDataModule(EpisodicDataModule):
             generator = torch.Generator().manual_seed(self.split_seed)
             if self.split == "paper":
                 if len(characters) <= PAPER_TRAIN + PAPER_VAL:
-                    raise ValueError(
+                    raise InvalidSettingError(
                         f"split='paper' needs more than {PAPER_TRAIN + PAPER_VAL} characters, "
                         f"root={self.root!r} has {len(characters)}"
                     )
@@ -286,7 +287,7 @@ class OmniglotDataModule(EpisodicDataModule):
                     {c.split("/")[0] for c, bg in zip(characters, background, strict=True) if bg}
                 )
                 if self.val_alphabets >= len(alphabets):
-                    raise ValueError(
+                    raise InvalidSettingError(
                         f"val_alphabets={self.val_alphabets} but there are only {len(alphabets)} background "
                         f"alphabets (at least one must stay for meta-training)"
                     )

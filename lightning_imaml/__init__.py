@@ -1,7 +1,7 @@
 """lightning-imaml: implicit-gradient meta-learning (iMAML) for PyTorch Lightning.
 
-Names are imported lazily so that the pure-torch core (``lightning_imaml.implicit``,
-``lightning_imaml.inner``) can be used without importing Lightning.
+Names are imported lazily so that the pure-torch core (``lightning_imaml.cg``, ``.implicit``, ``.inner``,
+``.metagrad``) can be used without importing Lightning.
 """
 
 from importlib import import_module
@@ -16,11 +16,22 @@ _EXPORTS = {
     "OmniglotConv4": "models",
     "MiniImageNetConv4": "models",
     "SinusoidMLP": "models",
-    "conjugate_gradient": "implicit",
+    "conjugate_gradient": "cg",
+    "CG": "cg",
+    "CGInfo": "cg",
     "hessian_vector_product": "implicit",
     "implicit_meta_gradient": "implicit",
-    "CGInfo": "implicit",
+    "ImplicitGradient": "implicit",
     "proximal_adapt": "inner",
+    "InnerInfo": "inner",
+    "SOLVERS": "inner",
+    "GD": "inner",
+    "GDArmijo": "inner",
+    "SGD": "inner",
+    "Adam": "inner",
+    "LBFGS": "inner",
+    "HessianFree": "inner",
+    "TorchOptimizer": "inner",
 }
 
 __all__ = sorted(_EXPORTS)

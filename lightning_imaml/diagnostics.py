@@ -13,8 +13,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from .implicit import _RetainedGradHVP
-from .params import tree_dot, tree_map
+from .implicit import grad_and_hvp
 
 __all__ = ["hessian_top_eigenvalue"]
 
@@ -24,12 +23,12 @@ def _power_iteration(hvp, params, iters, seed, shift=0.0):
     v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for k, t in params.items()}
     rq = 0.0
     for _ in range(iters):
-        inv_norm = 1.0 / tree_dot(v, v).sqrt()
-        v = tree_map(lambda t, s=inv_norm: t * s, v)
+        inv_norm = 1.0 / torch.sqrt(sum(torch.sum(t * t) for t in v.values()))
+        v = {k: t * inv_norm for k, t in v.items()}
         hv = hvp(v)
         if shift:
-            hv = tree_map(lambda h, t: h - shift * t, hv, v)
-        rq = float(tree_dot(v, hv))
+            hv = {k: h - shift * v[k] for k, h in hv.items()}
+        rq = float(sum(torch.sum(v[k] * h) for k, h in hv.items()))
         v = hv
     return rq + shift
 
@@ -49,7 +48,7 @@ def hessian_top_eigenvalue(
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    hvp = _RetainedGradHVP(loss_fn, params)
+    hvp = grad_and_hvp(loss_fn, params)[2]
     top = _power_iteration(hvp, params, iters, seed)
     if top < 0:
         top = _power_iteration(hvp, params, iters, seed, shift=top)

@@ -1,86 +1,74 @@
-"""Proximal inner solvers: phi*(theta) ~ argmin_phi L(phi) + lam/2 ||phi - theta||^2, starting at phi = theta.
+"""Proximal inner solvers: phi*(theta) ~ argmin_phi L(phi) + 1/2 (phi - theta)^T Lam (phi - theta), from phi
+= theta.
 
 iMAML's meta-gradient depends only on the solution phi*, not on the path (implicit function theorem), so any
-optimiser may do the inner loop. Every solver here:
-- takes ``support_loss(phi: dict) -> 0-d tensor`` (WITHOUT the proximal term) and ``theta`` (dict, may be
-  nn.Parameters that require grad: they are detached - no graph to theta is ever built);
-- builds at most one step's autograd graph at a time (memory is flat in the number of steps) and never
-  touches ``.grad`` of anything but its own private copies;
-- returns phi as a dict of detached tensors (requires_grad False);
-- allows lam = 0 (plain fine-tuning, e.g. at test time), and a per-parameter lam: a dict name -> tensor
-  (0-d per parameter tensor, or the parameter's shape), for the penalty 1/2 (phi - theta)^T Lam (phi - theta).
-Pure torch, no Lightning. Runs under an outer ``torch.no_grad()`` (it re-enables grad locally), but not on
-inference-mode tensors (Lightning's default for validation: use ``Trainer(inference_mode=False)``).
+optimiser may do the inner loop. A solver is a frozen dataclass with its options bound, e.g.
+``GDArmijo(steps=16, lr=0.1)`` or ``HessianFree(steps=5, cg_steps=5)``; :data:`SOLVERS` maps each one's
+``name`` to its class, so adding a solver is writing one class here. Every solver
 
-Solve quality (``return_info=True``, an :class:`InnerInfo`): the proximal gradient norm
-||grad L(phi) + lam (phi - theta)|| at the returned phi (the delta of Theorem 1 of the iMAML paper: the
-implicit meta-gradient is exact only where it is 0) and whether G ever rose between consecutive iterates.
+- solves a :class:`ProximalProblem`: T tasks at once, parameters one ``[T, P]`` tensor, every per-task
+  decision (accept a step, converged, negative curvature) a ``[T]`` mask, so one kernel updates the whole
+  batch, and the tasks that are done drop out of the batch;
+- builds at most one step's autograd graph at a time (memory flat in the number of steps), never touches
+  ``.grad`` of anything, and returns detached phi;
+- returns ``(phi, InnerInfo)``: how well each task's solve went (its proximal gradient norm, the delta of
+  Theorem 1 of the iMAML paper, where the implicit meta-gradient is exact only at 0);
+- stops a task early once its proximal gradient norm is at most ``max(atol, tol * residual0)`` (residual0:
+  the norm at theta), and stops altogether once every task of the batch has; ``tol = atol = 0`` runs every
+  step;
+- allows lam = 0 (plain fine-tuning, e.g. at test time) and a per-parameter lam.
 
-One engine: every named solver is written once, as a *per-task* function with a fixed iteration count and
-per-task decisions (accept / reject a step, converged, negative curvature) as ``torch.where`` masks instead
-of data-dependent Python branches. The per-task loop calls them directly (gradients by torch.autograd,
-and it may stop once a solve is finished); :mod:`lightning_imaml.batched` runs the very same functions
-under ``torch.func.vmap`` (gradients by torch.func; see :func:`lightning_imaml.implicit.value_and_grad`).
+Calling a solver on a dict loss, ``GDArmijo()(support_loss, theta, lam)``, solves one task with the
+``torch.func.functional_call`` dicts; :func:`proximal_adapt` does the same by solver name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .implicit import conjugate_gradient, grad_and_hvp, under_functorch, value_and_grad
-from .params import tree_axpy, tree_dot, tree_map, tree_norm, tree_where
+from .cg import batched_conjugate_gradient
+from .implicit import RetainedGGN, RetainedHVP, value_and_grad
+from .params import ParamSpec, detached, rowdot, select_rows
 
 __all__ = [
+    "SOLVERS",
+    "Adam",
+    "GD",
+    "GDArmijo",
+    "HessianFree",
     "InnerInfo",
+    "InnerSolver",
+    "LBFGS",
+    "ProximalProblem",
+    "SGD",
+    "TorchOptimizer",
+    "make_solver",
     "proximal_adapt",
-    "gd_adapt",
-    "gd_armijo_adapt",
-    "sgd_adapt",
-    "adam_adapt",
-    "torch_optimizer_adapt",
-    "lbfgs_adapt",
-    "hessian_free_adapt",
     "proximal_objective",
-    "OPTIMIZERS",
 ]
 
-Params = dict[str, Tensor]
-Theta = Mapping[str, Tensor]
-SupportLoss = Callable[[Params], Tensor]
-
-_TORCH_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-OPTIMIZERS = ("gd_armijo", "gd", "sgd", "adam", "lbfgs", "hf")
-# per-optimizer default step size when lr is None: the natural first step of L-BFGS / a Newton method is 1;
-# for gd_armijo lr is the largest step it may take
-_DEFAULT_LR = {"gd_armijo": 0.1, "gd": 0.1, "sgd": 0.1, "adam": 0.1, "lbfgs": 1.0, "hf": 1.0}
-# every named solver is a per-task function that torch.func.vmap can batch (lightning_imaml.batched)
-VMAPPABLE = OPTIMIZERS
-# the extra options each named solver takes (``proximal_adapt(..., **options)``)
-OPTIONS = {
-    "gd_armijo": ("armijo_c", "backtrack", "grow"),
-    "gd": (),
-    "sgd": ("momentum", "dampening", "nesterov", "weight_decay"),
-    "adam": ("betas", "eps", "weight_decay", "amsgrad"),
-    "lbfgs": ("history_size", "c1", "backtrack", "tolerance_grad"),
-    "hf": ("c1", "backtrack", "max_backtracks", "gtol"),
-}
+Lam = float | Tensor  # a number, or a [P] tensor (one value per scalar parameter)
 
 
 class InnerInfo(NamedTuple):
-    """How well an inner solve went (0-d tensors, detached; under vmap each gets a leading task dim).
+    """How each task's inner solve went (``[T]`` tensors, detached; 0-d from a dict call).
 
-    residual: ||grad L(phi) + lam (phi - theta)|| at the returned phi, the proximal gradient norm (delta of
+    residual: ||grad L(phi) + Lam (phi - theta)|| at the returned phi, the proximal gradient norm (delta of
         Theorem 1: the implicit meta-gradient assumes it is 0).
     residual0: the same at phi = theta, i.e. ||grad L(theta)||, the scale to judge ``residual`` by.
-    rose: True if G(phi) = L(phi) + lam/2 ||phi - theta||^2 increased from one iterate to the next (by
+    rose: G(phi) = L(phi) + 1/2 (phi - theta)^T Lam (phi - theta) increased from one iterate to the next (by
         more than 16 float eps relative: rounding noise at convergence does not count).
-    accepted: steps actually taken (gd_armijo / hf reject steps that do not decrease G enough).
+    accepted: steps actually taken (line-search solvers reject steps that do not decrease G enough).
     objective: G at the returned phi.
+    iterations: iterations run before the task was done (its tolerance met) or the steps ran out.
     """
 
     residual: Tensor
@@ -88,79 +76,79 @@ class InnerInfo(NamedTuple):
     rose: Tensor
     accepted: Tensor
     objective: Tensor
+    iterations: Tensor
 
 
-Lam = float | Mapping[str, Tensor]
+class ProximalProblem:
+    """G_t(phi) = L_t(phi) + 1/2 (phi - theta_t)^T Lam (phi - theta_t) for T tasks at once.
 
+    loss: ``[T, P] -> [T]``, task t's support loss of row t only (WITHOUT the proximal term).
+    theta: ``[T, P]`` (an expanded ``[P]`` is fine); detached. lam: a number >= 0, or ``[P]`` >= 0.
+    """
 
-def _validate(theta: Mapping[str, Tensor], lam: Lam, steps: int) -> Lam:
-    if not isinstance(theta, Mapping) or not theta:
-        raise ValueError(f"theta must be a non-empty dict name -> Tensor, got {type(theta).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    return check_lam(lam, theta)
-
-
-def check_lam(lam: Lam, theta: Mapping[str, Tensor]) -> Lam:
-    """A proximal strength: a number >= 0, or a dict name -> tensor >= 0 with theta's keys, each 0-d (one
-    value per parameter tensor) or of the parameter's shape (one per scalar). Returns a float or the dict."""
-    if isinstance(lam, Mapping):
-        if set(lam) != set(theta):
-            raise ValueError(
-                f"a per-parameter lam needs theta's keys: missing {sorted(set(theta) - set(lam))}, "
-                f"unknown {sorted(set(lam) - set(theta))}"
-            )
-        for k, v in lam.items():
-            if v.dim() and tuple(v.shape) != tuple(theta[k].shape):
+    def __init__(self, loss: Callable[[Tensor], Tensor], theta: Tensor, lam: Lam):
+        if theta.dim() != 2:
+            raise ValueError(f"theta must be [T, P] (one row per task), got shape {tuple(theta.shape)}")
+        self.loss = loss
+        self.theta = theta.detach()
+        if isinstance(lam, Tensor):
+            if lam.shape != self.theta.shape[-1:]:
                 raise ValueError(
-                    f"lam[{k!r}] has shape {tuple(v.shape)}; use a 0-d tensor or {tuple(theta[k].shape)}"
+                    f"lam must be a number or a [P] tensor, P = {theta.shape[-1]}; got {tuple(lam.shape)}"
                 )
-            if not bool(torch.isfinite(v).all() & (v >= 0).all()):
-                raise ValueError(f"lam[{k!r}] must be >= 0 and finite")
-        return dict(lam)
-    lam = float(lam)
-    if not (lam >= 0 and math.isfinite(lam)):
-        raise ValueError(f"lam must be >= 0 and finite (0 = no proximal term), got {lam}")
-    return lam
+            if not bool(torch.isfinite(lam).all() & (lam >= 0).all()):
+                raise ValueError("every entry of lam must be >= 0 and finite")
+            lam = lam.detach().to(self.theta.dtype)
+        else:
+            lam = float(lam)
+            if not (lam >= 0 and math.isfinite(lam)):
+                raise ValueError(f"lam must be >= 0 and finite (0 = no proximal term), got lam={lam}")
+        self.lam = lam
+
+    def select(self, rows: Tensor) -> ProximalProblem | None:
+        """The problem of the tasks ``rows`` only (so a batch spends no work on tasks that are done), or None
+        when the loss cannot be restricted (it has no ``select(rows)``)."""
+        select = getattr(self.loss, "select", None)
+        return None if select is None else ProximalProblem(select(rows), self.theta[rows], self.lam)
+
+    @property
+    def has_prox(self) -> bool:
+        return isinstance(self.lam, Tensor) or self.lam != 0
+
+    def penalty(self, diff: Tensor) -> Tensor:
+        """1/2 diff^T Lam diff per row -> ``[T]``."""
+        if isinstance(self.lam, Tensor):
+            return 0.5 * rowdot(diff * self.lam, diff)
+        return 0.5 * self.lam * rowdot(diff, diff)
+
+    def add_prox_grad(self, g: Tensor, diff: Tensor) -> Tensor:
+        """g + Lam diff."""
+        return g + self.lam * diff if isinstance(self.lam, Tensor) else torch.add(g, diff, alpha=self.lam)
+
+    def value_and_grad(self, phi: Tensor) -> tuple[Tensor, Tensor]:
+        """(G(phi) [T], grad G(phi) [T, P]), detached; the proximal part in closed form."""
+        return self.with_prox(phi, *value_and_grad(self.loss, phi))
+
+    def with_prox(self, phi: Tensor, loss: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """(G, grad G) at ``phi`` from the support loss's value and gradient there."""
+        if not self.has_prox:
+            return loss, grad
+        diff = phi - self.theta
+        return loss + self.penalty(diff), self.add_prox_grad(grad, diff)
+
+    def objective(self, phi: Tensor) -> Tensor:
+        """G(phi) [T], no gradient."""
+        with torch.no_grad():
+            val = self.loss(phi).detach()
+        return val + self.penalty(phi - self.theta) if self.has_prox else val
 
 
-def add_lam_times(g: Params, lam: Lam, v: Params) -> Params:
-    """g + Lam v (for a number one fused ``torch.add(g, v, alpha=lam)`` per tensor)."""
-    if isinstance(lam, Mapping):
-        return {k: g[k] + lam[k] * t for k, t in v.items()}
-    return tree_axpy(lam, v, g)
-
-
-def prox_penalty(lam: Lam, diff: Params) -> Tensor:
-    """1/2 (phi - theta)^T Lam (phi - theta) for diff = phi - theta."""
-    if isinstance(lam, Mapping):
-        return 0.5 * sum(torch.sum(lam[k] * d * d) for k, d in diff.items())
-    return 0.5 * lam * tree_dot(diff, diff)
-
-
-def _fresh(theta: Mapping[str, Tensor]) -> Params:
-    return {k: t.detach().clone() for k, t in theta.items()}
-
-
-def proximal_objective(support_loss: SupportLoss, phi: Params, theta: Params, lam: Lam) -> Tensor:
-    """G(phi) = L(phi) + 1/2 (phi - theta)^T Lam (phi - theta) -> 0-d tensor (Lam = lam I for a number)."""
+def proximal_objective(support_loss, phi: Mapping[str, Tensor], theta: Mapping[str, Tensor], lam) -> Tensor:
+    """G(phi) = L(phi) + 1/2 (phi - theta)^T Lam (phi - theta) for dicts (one task) -> 0-d tensor."""
     loss = support_loss(phi)
-    if not isinstance(lam, Mapping) and lam == 0:
-        return loss
-    return loss + prox_penalty(lam, {k: phi[k] - theta[k] for k in phi})
-
-
-def _prox_value_and_grad(support_loss: SupportLoss, theta: Params, lam: Lam):
-    """phi -> (G(phi), grad G(phi)), detached; the proximal part added in closed form."""
-
-    def f(phi):
-        val, g = value_and_grad(support_loss, phi)
-        if not lam:
-            return val, g
-        diff = {k: phi[k] - theta[k] for k in phi}
-        return val + prox_penalty(lam, diff), add_lam_times(g, lam, diff)
-
-    return f
+    if isinstance(lam, Mapping):
+        return loss + 0.5 * sum(torch.sum(lam[k] * (phi[k] - theta[k]) ** 2) for k in phi)
+    return loss + 0.5 * lam * sum(torch.sum((phi[k] - theta[k]) ** 2) for k in phi) if lam else loss
 
 
 def _sufficient_decrease(new: Tensor, old: Tensor, predicted: Tensor) -> Tensor:
@@ -176,70 +164,177 @@ def _rose(new: Tensor, old: Tensor) -> Tensor:
     return new > old + 16 * torch.finfo(old.dtype).eps * old.abs()
 
 
-class _Solve:
-    """The state every solver starts from and reports: phi = theta, G and grad G there, the running
-    rise flag and accepted-step count (all per task, vmappable)."""
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
-    def __init__(self, support_loss, theta, lam, steps, track: bool = True):
-        self.track, self.steps, self.done = track, steps, 0
-        self.lam = _validate(theta, lam, steps)
-        self.theta = _fresh(theta)
-        self.f = _prox_value_and_grad(support_loss, self.theta, self.lam)
-        self.phi = dict(self.theta)
-        self.val, self.g = self.f(self.phi)
-        self.residual0 = tree_norm(self.g)
-        self.rose = torch.zeros_like(self.val, dtype=torch.bool)
+
+class _Run:
+    """What every solve starts from and reports: phi = theta, G and grad G there, the stopping threshold, and
+    the running rise flag, accepted-step and iteration counts (all per task)."""
+
+    def __init__(
+        self, solver: InnerSolver, problem: ProximalProblem, initial: tuple[Tensor, Tensor] | None = None
+    ):
+        self.problem = problem
+        self.phi = problem.theta.clone()
+        self.val, self.g = problem.value_and_grad(self.phi) if initial is None else initial
+        self.residual0 = self.g.norm(dim=1)
+        self.threshold = torch.clamp(solver.tol * self.residual0, min=solver.atol)
+        self.done = ~(torch.isfinite(self.residual0) & (self.residual0 > self.threshold))
+        self.rose = torch.zeros_like(self.done)
         self.accepted = torch.zeros_like(self.val)
+        self.iterations = torch.zeros_like(self.val)
 
-    def evaluate(self):
-        """G and grad G at the current phi (the next step's gradient); records a rise against the previous
-        value. Without ``track`` (no InnerInfo asked for) the evaluation after the last step, which only
-        serves the report, is skipped, as is the rise check."""
-        self.done += 1
-        if not self.track and self.done >= self.steps:
-            return
-        new, self.g = self.f(self.phi)
-        if self.track:
-            self.rose = self.rose | _rose(new, self.val)
-        self.val = new
+    def active(self) -> Tensor | None:
+        """The tasks still solving, after counting this iteration for them; None when every task is done."""
+        active = ~self.done
+        if not bool(active.any()):
+            return None
+        self.iterations = self.iterations + active.to(self.iterations.dtype)
+        return active
 
-    def result(self, return_info: bool):
-        if not return_info:
-            return self.phi
-        info = InnerInfo(tree_norm(self.g), self.residual0, self.rose, self.accepted, self.val)
+    def update_done(self) -> None:
+        self.done = self.done | ~(self.g.norm(dim=1) > self.threshold)
+
+    def subset(self, active: Tensor) -> tuple[Tensor | None, ProximalProblem, Tensor | None]:
+        return subproblem(self.problem, active)
+
+    def move(self, active: Tensor, phi: Tensor) -> None:
+        """Active tasks go to ``phi`` (fixed-step solvers); G and grad G there, a rise recorded."""
+        rows, problem, mask = self.subset(active)
+        new, g = problem.value_and_grad(gather(rows, phi))
+        step = torch.ones_like(new, dtype=torch.bool) if mask is None else mask
+        self.phi = put(rows, self.phi, select_rows(step, gather(rows, phi), gather(rows, self.phi)))
+        self.rose = self.rose | put(
+            rows, torch.zeros_like(self.rose), step & _rose(new, gather(rows, self.val))
+        )
+        self.val = put(rows, self.val, torch.where(step, new, gather(rows, self.val)))
+        self.g = put(rows, self.g, select_rows(step, g, gather(rows, self.g)))
+        self.accepted = self.accepted + active.to(self.accepted.dtype)
+        self.update_done()
+
+    def result(self) -> tuple[Tensor, InnerInfo]:
+        info = InnerInfo(
+            self.g.norm(dim=1), self.residual0, self.rose, self.accepted, self.val, self.iterations
+        )
         return self.phi, info
 
 
-def _check_step(lr: float) -> None:
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+def subproblem(
+    problem: ProximalProblem, active: Tensor
+) -> tuple[Tensor | None, ProximalProblem, Tensor | None]:
+    """``(rows, problem, mask)`` for work on the ``active`` tasks only: every task (rows and mask None); the
+    active rows and their own sub-problem, so the other tasks cost nothing; or, for a loss that cannot be
+    restricted, all rows with ``mask`` = active."""
+    if bool(active.all()):
+        return None, problem, None
+    rows = active.nonzero().squeeze(1)
+    sub = problem.select(rows)
+    return (None, problem, active) if sub is None else (rows, sub, None)
 
 
-def gd_adapt(
-    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 0.1,
-    return_info: bool = False,
-):  # fmt: skip
-    """Fixed-step proximal GD: ``steps`` times phi <- phi - lr (grad L(phi) + lam (phi - theta)).
+def gather(rows: Tensor | None, t: Tensor) -> Tensor:
+    """The rows ``rows`` of ``t`` (all of it for None)."""
+    return t if rows is None else t.index_select(0, rows)
 
-    The textbook iMAML-GD (and MAML's inner loop). Stable only while the largest eigenvalue of the support
-    Hessian stays below 2/lr - lam; past it G rises from step to step (``InnerInfo.rose``) and phi diverges.
-    ``steps`` gradient evaluations, one more with ``return_info`` (for the residual). Returns detached
-    phi, or ``(phi, InnerInfo)`` with ``return_info``.
+
+def put(rows: Tensor | None, full: Tensor, part: Tensor) -> Tensor:
+    """``full`` with its rows ``rows`` replaced by ``part`` (``part`` itself for None)."""
+    return part if rows is None else full.index_copy(0, rows, part)
+
+
+SOLVERS: dict[str, type[InnerSolver]] = {}
+"""Every inner solver by its ``name`` (filled by the classes themselves)."""
+
+
+@dataclass(frozen=True)
+class InnerSolver:
+    """Base class of the inner solvers: ``steps`` iterations of at most step ``lr``, stopping a task early
+    once its proximal gradient norm is at most ``max(atol, tol * residual0)``.
+
+    A subclass sets ``name`` (its key in :data:`SOLVERS` and in configs: ``inner_optimizer: <name>``) and
+    implements :meth:`solve`; its dataclass fields are its options.
     """
-    _check_step(lr)
-    run = _Solve(support_loss, theta, lam, steps, track=return_info)
-    for _ in range(steps):
-        run.phi = tree_axpy(-lr, run.g, run.phi)
-        run.evaluate()
-    run.accepted = torch.full_like(run.val, float(steps))
-    return run.result(return_info)
+
+    name: ClassVar[str] = ""
+    steps: int = 16
+    lr: float = 0.1
+    tol: float = 0.0
+    atol: float = 0.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            SOLVERS[cls.name] = cls
+
+    def __post_init__(self):
+        _check_int("steps", self.steps, 0)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not (self.tol >= 0 and self.atol >= 0):
+            raise ValueError(f"tol and atol must be >= 0, got tol={self.tol!r}, atol={self.atol!r}")
+
+    def solve(self, problem: ProximalProblem) -> tuple[Tensor, InnerInfo]:
+        """phi ``[T, P]`` (detached) and the per-task :class:`InnerInfo`."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        support_loss: Callable[[dict[str, Tensor]], Tensor],
+        theta: Mapping[str, Tensor],
+        lam: float | Mapping[str, Tensor] = 0.0,
+    ) -> tuple[dict[str, Tensor], InnerInfo]:
+        """One task with dicts: ``support_loss(phi: dict) -> 0-d``, theta a dict (may be nn.Parameters; they
+        are detached); lam a number or a dict name -> tensor (0-d per parameter tensor, or its shape).
+        Returns detached phi (a dict) and the :class:`InnerInfo` with 0-d fields."""
+        if not isinstance(theta, Mapping) or not theta:
+            raise ValueError(f"theta must be a non-empty dict name -> Tensor, got {type(theta).__name__}")
+        spec = ParamSpec.of(theta)
+        flat_theta = spec.flatten(detached(theta)).unsqueeze(0)
+        if isinstance(lam, Mapping):
+            if set(lam) != set(theta):
+                raise ValueError(
+                    f"a per-parameter lam needs theta's keys: missing {sorted(set(theta) - set(lam))}, "
+                    f"unknown {sorted(set(lam) - set(theta))}"
+                )
+            for k, v in lam.items():
+                if v.dim() and tuple(v.shape) != tuple(theta[k].shape):
+                    raise ValueError(
+                        f"lam[{k!r}] has shape {tuple(v.shape)}; use a 0-d tensor or {tuple(theta[k].shape)}"
+                    )
+            lam = spec.expand(detached(lam))
+        problem = ProximalProblem(
+            lambda row: support_loss(spec.unflatten(row[0])).reshape(1), flat_theta, lam
+        )
+        phi, info = self.solve(problem)
+        return spec.unflatten(phi[0]), InnerInfo(*(f[0] for f in info))
+
+    def options(self) -> dict[str, Any]:
+        """The options as a dict (the dataclass fields)."""
+        return dataclasses.asdict(self)
 
 
-def gd_armijo_adapt(
-    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 0.1,
-    armijo_c: float = 0.5, backtrack: float = 0.5, grow: float = 2.0,
-    return_info: bool = False,
-):  # fmt: skip
+@dataclass(frozen=True)
+class GD(InnerSolver):
+    """Fixed-step proximal GD: phi <- phi - lr (grad L(phi) + lam (phi - theta)), the textbook iMAML-GD (and
+    MAML's inner loop). Stable only while the top eigenvalue of the support Hessian stays below 2/lr - lam;
+    past it G rises from step to step (``InnerInfo.rose``) and phi diverges. ``steps + 1`` gradients."""
+
+    name: ClassVar[str] = "gd"
+
+    def solve(self, problem):
+        run = _Run(self, problem)
+        for _ in range(self.steps):
+            active = run.active()
+            if active is None:
+                break
+            run.move(active, run.phi - self.lr * run.g)
+        return run.result()
+
+
+@dataclass(frozen=True)
+class GDArmijo(InnerSolver):
     """Safeguarded proximal GD: a step phi - t g (g = grad G) is taken only if G falls by >= c t ||g||^2.
 
     Per task, per trial step: rho = (G(phi) - G(phi - t g)) / (t ||g||^2), the achieved share of the
@@ -257,320 +352,403 @@ def gd_armijo_adapt(
     With c = 1/2 the test accepts exactly t <= 1/k, so G never increases and the step follows each task's
     curvature: the solve keeps converging where fixed-step GD (stable only for k < 2/lr - lam) diverges.
     ``lr`` is the largest (and first) step. Each trial is one gradient evaluation at the trial point, which
-    is the next step's gradient when accepted, so it costs what fixed-step GD costs (``steps + 1``
-    evaluations); rejected trials count against ``steps``.
-    No data-dependent Python branch: per-task decisions are ``torch.where`` masks, so the function runs
-    unchanged under ``torch.func.vmap`` with per-task step sizes. Returns detached phi, or
-    ``(phi, InnerInfo)`` with ``return_info``.
+    is the next step's gradient when accepted: ``steps + 1`` gradients, rejected trials included.
     """
-    if not 0 < armijo_c < 1:
-        raise ValueError(f"armijo_c must be in (0, 1), got {armijo_c}")
-    if not 0.1 <= backtrack < 1:
-        raise ValueError(f"backtrack must be in [0.1, 1), got {backtrack}")
-    if not grow >= 1:
-        raise ValueError(f"grow must be >= 1, got {grow}")
-    _check_step(lr)
-    run = _Solve(support_loss, theta, lam, steps)
-    gg = tree_dot(run.g, run.g)
-    t = torch.full_like(run.val, lr)
-    grow_above = 1 - (1 - armijo_c) / grow
-    for _ in range(steps):
-        trial = tree_axpy(-t, run.g, run.phi)
-        new, g_new = run.f(trial)
-        predicted = t * gg
-        noise = 16 * torch.finfo(new.dtype).eps * torch.maximum(run.val.abs(), new.abs())
-        # rho from values only where their difference is known to ~1e-3; else from the gradients
-        measurable = predicted > 1024 * noise
-        rho_grads = 0.5 * (1 + tree_dot(g_new, run.g) / gg)
-        rho = torch.where(measurable, (run.val - new) / predicted, rho_grads)
-        # gg == 0 (already stationary): rho is nan/inf; nothing to do, reject and keep phi
-        ok = torch.isfinite(new) & torch.isfinite(rho) & (rho >= armijo_c) & (new <= run.val + noise)
-        run.phi = tree_where(ok, trial, run.phi)
-        run.g = tree_where(ok, g_new, run.g)
-        run.val = torch.where(ok, new, run.val)
-        gg = tree_dot(run.g, run.g)
-        # nan (rho nan) -> 0, +inf (rho = 1) -> max float, -inf -> -max float: the clamp below makes them
-        # 0.1, backtrack, 0.1
-        shrink = torch.nan_to_num(0.9 * (1 - armijo_c) / (1 - rho))
-        rho_grow = torch.minimum(rho, rho_grads)  # grow only if both estimates allow it
-        t_up = torch.where(rho_grow >= grow_above, torch.clamp(t * grow, max=lr), t)
-        t = torch.where(ok, t_up, t * torch.clamp(shrink, 0.1, backtrack))
-        run.accepted = run.accepted + ok.to(run.accepted.dtype)
-    return run.result(return_info)
+
+    name: ClassVar[str] = "gd_armijo"
+    armijo_c: float = 0.5
+    backtrack: float = 0.5
+    grow: float = 2.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.armijo_c < 1:
+            raise ValueError(f"armijo_c must be in (0, 1), got {self.armijo_c}")
+        if not 0.1 <= self.backtrack < 1:
+            raise ValueError(f"backtrack must be in [0.1, 1), got {self.backtrack}")
+        if not self.grow >= 1:
+            raise ValueError(f"grow must be >= 1, got {self.grow}")
+
+    def solve(self, problem):
+        c = self.armijo_c
+        run = _Run(self, problem)
+        gg = rowdot(run.g, run.g)
+        t = torch.full_like(run.val, self.lr)
+        grow_above = 1 - (1 - c) / self.grow
+        for _ in range(self.steps):
+            active = run.active()
+            if active is None:
+                break
+            rows, sub, mask = run.subset(active)
+            phi, g, val, gg_r, t_r = (gather(rows, x) for x in (run.phi, run.g, run.val, gg, t))
+            trial = torch.addcmul(phi, -t_r[:, None], g)
+            new, g_new = sub.value_and_grad(trial)
+            predicted = t_r * gg_r
+            noise = 16 * torch.finfo(new.dtype).eps * torch.maximum(val.abs(), new.abs())
+            # rho from values only where their difference is known to ~1e-3; else from the gradients
+            measurable = predicted > 1024 * noise
+            rho_grads = 0.5 * (1 + rowdot(g_new, g) / gg_r)
+            rho = torch.where(measurable, (val - new) / predicted, rho_grads)
+            # gg == 0 (already stationary): rho is nan/inf; nothing to do, reject and keep phi
+            ok = torch.isfinite(new) & torch.isfinite(rho) & (rho >= c) & (new <= val + noise)
+            ok = ok if mask is None else ok & mask
+            g = select_rows(ok, g_new, g)
+            run.phi = put(rows, run.phi, select_rows(ok, trial, phi))
+            run.g = put(rows, run.g, g)
+            run.val = put(rows, run.val, torch.where(ok, new, val))
+            gg = put(rows, gg, rowdot(g, g))
+            # nan (rho nan) -> 0, +inf (rho = 1) -> max float, -inf -> -max float: the clamp below makes them
+            # 0.1, backtrack, 0.1
+            shrink = torch.nan_to_num(0.9 * (1 - c) / (1 - rho))
+            rho_grow = torch.minimum(rho, rho_grads)  # grow only if both estimates allow it
+            t_up = torch.where(rho_grow >= grow_above, torch.clamp(t_r * self.grow, max=self.lr), t_r)
+            t_new = torch.where(ok, t_up, t_r * torch.clamp(shrink, 0.1, self.backtrack))
+            t = put(rows, t, t_new if mask is None else torch.where(mask, t_new, t_r))
+            run.accepted = run.accepted + put(rows, torch.zeros_like(run.accepted), ok.to(run.accepted.dtype))
+            run.update_done()
+        return run.result()
 
 
-def sgd_adapt(
-    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 0.1,
-    momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-    return_info: bool = False,
-):  # fmt: skip
-    """``torch.optim.SGD`` on G, step for step (momentum buffer from the first gradient, dampening,
-    Nesterov, L2 ``weight_decay``), as a per-task vmappable function. ``steps`` evaluations (+1 with
-    ``return_info``)."""
-    _check_step(lr)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
-    run = _Solve(support_loss, theta, lam, steps, track=return_info)
-    buf = None
-    for _ in range(steps):
-        d = tree_axpy(weight_decay, run.phi, run.g) if weight_decay else run.g
-        if momentum:
-            buf = d if buf is None else tree_map(lambda b, x: momentum * b + (1 - dampening) * x, buf, d)
-            d = tree_axpy(momentum, buf, d) if nesterov else buf
-        run.phi = tree_axpy(-lr, d, run.phi)
-        run.evaluate()
-    run.accepted = torch.full_like(run.val, float(steps))
-    return run.result(return_info)
+@dataclass(frozen=True)
+class SGD(InnerSolver):
+    """``torch.optim.SGD`` on G, step for step (momentum buffer from the first gradient, dampening, Nesterov,
+    L2 ``weight_decay``). ``steps + 1`` gradients."""
+
+    name: ClassVar[str] = "sgd"
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+
+    def solve(self, problem):
+        run = _Run(self, problem)
+        buf = None
+        for _ in range(self.steps):
+            active = run.active()
+            if active is None:
+                break
+            d = torch.add(run.g, run.phi, alpha=self.weight_decay) if self.weight_decay else run.g
+            if self.momentum:
+                buf = d if buf is None else self.momentum * buf + (1 - self.dampening) * d
+                d = torch.add(d, buf, alpha=self.momentum) if self.nesterov else buf
+            run.move(active, run.phi - self.lr * d)
+        return run.result()
 
 
-def adam_adapt(
-    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 0.1,
-    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-    amsgrad: bool = False, return_info: bool = False,
-):  # fmt: skip
-    """``torch.optim.Adam`` on G, step for step (bias corrections, L2 ``weight_decay``, ``amsgrad``), as a
-    per-task vmappable function. ``steps`` evaluations (+1 with ``return_info``)."""
-    _check_step(lr)
-    beta1, beta2 = betas
-    run = _Solve(support_loss, theta, lam, steps, track=return_info)
-    m = tree_map(torch.zeros_like, run.g)
-    v = tree_map(torch.zeros_like, run.g)
-    vmax = v
-    for step in range(1, steps + 1):
-        d = tree_axpy(weight_decay, run.phi, run.g) if weight_decay else run.g
-        m = tree_map(lambda a, x: a.lerp(x, 1 - beta1), m, d)  # as torch.optim.Adam
-        v = tree_map(lambda a, x: a * beta2 + (1 - beta2) * x * x, v, d)
-        vmax = tree_map(torch.maximum, vmax, v) if amsgrad else v
-        size, bc2_sqrt = lr / (1 - beta1**step), (1 - beta2**step) ** 0.5  # as torch.optim.Adam
+@dataclass(frozen=True)
+class Adam(InnerSolver):
+    """``torch.optim.Adam`` on G, step for step (bias corrections, L2 ``weight_decay``, ``amsgrad``).
+    ``steps + 1`` gradients."""
 
-        def update(p, a, b, size=size, bc2_sqrt=bc2_sqrt):
-            return p - size * (a / (b.sqrt() / bc2_sqrt + eps))
+    name: ClassVar[str] = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
 
-        run.phi = tree_map(update, run.phi, m, vmax)
-        run.evaluate()
-    run.accepted = torch.full_like(run.val, float(steps))
-    return run.result(return_info)
+    def solve(self, problem):
+        beta1, beta2 = self.betas
+        run = _Run(self, problem)
+        m = torch.zeros_like(run.g)
+        v = torch.zeros_like(run.g)
+        vmax = v
+        for step in range(1, self.steps + 1):
+            active = run.active()
+            if active is None:
+                break
+            d = torch.add(run.g, run.phi, alpha=self.weight_decay) if self.weight_decay else run.g
+            m = m.lerp(d, 1 - beta1)  # as torch.optim.Adam
+            v = v * beta2 + (1 - beta2) * d * d
+            vmax = torch.maximum(vmax, v) if self.amsgrad else v
+            size, bc2_sqrt = self.lr / (1 - beta1**step), (1 - beta2**step) ** 0.5  # as torch.optim.Adam
+            run.move(active, run.phi - size * (m / (vmax.sqrt() / bc2_sqrt + self.eps)))
+        return run.result()
 
 
-def torch_optimizer_adapt(
-    support_loss: SupportLoss,
-    theta: Mapping[str, Tensor],
-    lam: float,
-    steps: int,
-    optimizer: str | type[torch.optim.Optimizer] = "sgd",
-    lr: float = 0.1,
-    return_info: bool = False,
-    **optimizer_kwargs,
-):
-    """Any ``torch.optim`` optimiser class on G(phi) = L(phi) + lam/2 ||phi - theta||^2, ``steps`` steps.
+@dataclass(frozen=True)
+class TorchOptimizer(InnerSolver):
+    """Any ``torch.optim`` optimiser class on G (RMSprop, Adagrad, ...), ``steps`` steps; ``kwargs`` go to its
+    constructor. Each task is its own parameter tensor, so optimisers whose state is per parameter tensor
+    (all of torch.optim but LBFGS) treat the tasks independently. ``steps + 1`` gradients."""
 
-    For optimisers this module does not write itself (RMSprop, Adagrad, ...): per-task loop only, since
-    torch.optim updates tensors in place, which vmap cannot batch. optimizer: "sgd", "adam" or a
-    ``torch.optim.Optimizer`` subclass; ``optimizer_kwargs`` go to its constructor. Gradients are set by
-    hand on private copies, so ``support_loss`` may close over modules whose ``.grad`` must stay untouched.
-    Returns detached phi, or ``(phi, InnerInfo)`` with ``return_info``.
-    """
-    if isinstance(optimizer, str):
-        if optimizer.lower() not in _TORCH_OPTIMIZERS:
+    name: ClassVar[str] = "torch"
+    torch_optimizer: type[torch.optim.Optimizer] | str = "sgd"
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        cls = self.torch_optimizer
+        if isinstance(cls, str):
+            known = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+            if cls.lower() in known:
+                cls = known[cls.lower()]
+            elif "." in cls:  # a class path, e.g. "torch.optim.RMSprop" (how checkpoints store it)
+                module, _, attr = cls.rpartition(".")
+                cls = getattr(importlib.import_module(module), attr, None)
+            if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+                raise ValueError(
+                    f"unknown torch_optimizer {self.torch_optimizer!r}; valid: 'sgd', 'adam', a class path "
+                    "such as 'torch.optim.RMSprop', or a torch.optim.Optimizer subclass"
+                )
+            object.__setattr__(self, "torch_optimizer", cls)
+        if cls is torch.optim.LBFGS:
             raise ValueError(
-                f"unknown optimizer {optimizer!r}; valid names: {sorted(_TORCH_OPTIMIZERS)}, "
-                "or pass a torch.optim.Optimizer subclass"
+                "torch_optimizer=LBFGS couples all parameters (and tasks); use the 'lbfgs' solver"
             )
-        optimizer = _TORCH_OPTIMIZERS[optimizer.lower()]
-    if under_functorch():
-        raise RuntimeError(
-            f"torch_optimizer_adapt({optimizer.__name__}) updates tensors in place and cannot run under "
-            "torch.func.vmap; use the per-task loop, or proximal_adapt's 'sgd' / 'adam'"
-        )
-    run = _Solve(support_loss, theta, lam, steps, track=return_info)
-    phi = {k: t.clone().requires_grad_(True) for k, t in run.phi.items()}
-    opt = optimizer(list(phi.values()), lr=lr, **optimizer_kwargs)
-    for _ in range(steps):
-        for k, t in phi.items():
-            t.grad = run.g[k]
-        opt.step()
-        run.phi = {k: t.detach().clone() for k, t in phi.items()}
-        run.evaluate()
-    run.accepted = torch.full_like(run.val, float(steps))
-    return run.result(return_info)
+
+    def solve(self, problem):
+        run = _Run(self, problem)
+        rows = [r.clone().requires_grad_(True) for r in run.phi]
+        opt = self.torch_optimizer(rows, lr=self.lr, **dict(self.kwargs))
+        for _ in range(self.steps):
+            active = run.active()
+            if active is None:
+                break
+            for row, g in zip(rows, run.g, strict=True):
+                row.grad = g.clone()
+            opt.step()
+            run.move(active, torch.stack([r.detach() for r in rows]))
+        return run.result()
 
 
-def _two_loop(g: Params, S: list, Y: list, rho: list) -> Params:
-    """-H g by the L-BFGS two-loop recursion; history newest first, empty slots have rho = 0."""
-    q = tree_map(torch.neg, g)
+def _two_loop(g: Tensor, S: list[Tensor], Y: list[Tensor], rho: list[Tensor]) -> Tensor:
+    """-H g per row by the L-BFGS two-loop recursion; history newest first, empty slots have rho = 0."""
+    q = -g
     alphas = []
     for s, y, r in zip(S, Y, rho, strict=True):
-        a = r * tree_dot(s, q)
-        q = tree_axpy(-a, y, q)
+        a = r * rowdot(s, q)
+        q = torch.addcmul(q, -a[:, None], y)
         alphas.append(a)
-    yy = tree_dot(Y[0], Y[0])
-    gamma = torch.where(rho[0] > 0, tree_dot(S[0], Y[0]) / torch.where(yy > 0, yy, torch.ones_like(yy)), 1.0)
-    d = tree_map(lambda t: gamma * t, q)
+    yy = rowdot(Y[0], Y[0])
+    gamma = torch.where(rho[0] > 0, rowdot(S[0], Y[0]) / torch.where(yy > 0, yy, 1.0), 1.0)
+    d = gamma[:, None] * q
     for s, y, r, a in reversed(list(zip(S, Y, rho, alphas, strict=True))):
-        d = tree_axpy(a - r * tree_dot(y, d), s, d)
+        d = torch.addcmul(d, (a - r * rowdot(y, d))[:, None], s)
     return d
 
 
-def lbfgs_adapt(
-    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, lr: float = 1.0,
-    history_size: int = 10, c1: float = 1e-4, backtrack: float = 0.5, tolerance_grad: float = 1e-10,
-    return_info: bool = False,
-):  # fmt: skip
-    """L-BFGS on G(phi) = L(phi) + lam/2 ||phi - theta||^2: ``steps`` trial steps, per task, vmappable.
+@dataclass(frozen=True)
+class LBFGS(InnerSolver):
+    """L-BFGS on G: ``steps`` trial steps per task.
 
     Direction d = -H g by the two-loop recursion over the last ``history_size`` pairs (s, y) (initial
     scaling s'y / y'y; a pair enters only if s'y > 1e-10, so H stays positive definite); d = -g where it is
     not a descent direction. Step: one trial phi + t d per iteration, t = lr (the first one scaled
     min(1, 1/|g|_1) as torch.optim.LBFGS), accepted if G(phi + t d) <= G(phi) + c1 t g'd (Armijo), else
     t <- backtrack t for the next iteration. A task whose max |g| <= tolerance_grad stops moving.
-    Unlike torch.optim.LBFGS (strong-Wolfe search, data-dependent evaluation counts) this runs a fixed
-    count, so it batches. Returns detached phi, or ``(phi, InnerInfo)`` with ``return_info``.
+    Unlike torch.optim.LBFGS (strong-Wolfe search, data-dependent evaluation counts) every task spends one
+    evaluation per iteration, so the tasks batch.
     """
-    _check_step(lr)
-    if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
-        raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
-    run = _Solve(support_loss, theta, lam, steps)
-    zeros = tree_map(torch.zeros_like, run.g)
-    S, Y = [zeros] * history_size, [zeros] * history_size
-    rho = [torch.zeros_like(run.val)] * history_size
-    t = lr * torch.clamp(1.0 / sum(x.abs().sum() for x in run.g.values()), max=1.0)
-    for _ in range(steps):
-        done = torch.stack([x.abs().max() for x in run.g.values()]).max() <= tolerance_grad
-        d = _two_loop(run.g, S, Y, rho)
-        gtd = tree_dot(run.g, d)
-        descent = torch.isfinite(gtd) & (gtd < 0)
-        d = tree_where(descent, d, tree_map(torch.neg, run.g))
-        gtd = torch.where(descent, gtd, -tree_dot(run.g, run.g))
-        trial = tree_axpy(t, d, run.phi)
-        new, g_new = run.f(trial)
-        ok = ~done & torch.isfinite(new) & _sufficient_decrease(new, run.val, c1 * t * gtd)
-        s, y = tree_axpy(-1.0, run.phi, trial), tree_axpy(-1.0, run.g, g_new)
-        sy = tree_dot(s, y)
-        keep = ok & (sy > 1e-10)
-        S = [tree_where(keep, a, b) for a, b in zip([s, *S[:-1]], S, strict=True)]
-        Y = [tree_where(keep, a, b) for a, b in zip([y, *Y[:-1]], Y, strict=True)]
-        rho = [torch.where(keep, a, b) for a, b in zip([1.0 / sy, *rho[:-1]], rho, strict=True)]
-        run.phi, run.g = tree_where(ok, trial, run.phi), tree_where(ok, g_new, run.g)
-        run.val = torch.where(ok, new, run.val)
-        t = torch.where(ok, torch.full_like(t, lr), t * backtrack)
-        run.accepted = run.accepted + ok.to(run.accepted.dtype)
-    return run.result(return_info)
 
+    name: ClassVar[str] = "lbfgs"
+    steps: int = 8
+    lr: float = 1.0
+    history_size: int = 10
+    c1: float = 1e-4
+    backtrack: float = 0.5
+    tolerance_grad: float = 1e-10
 
-def hessian_free_adapt(
-    support_loss: SupportLoss, theta: Theta, lam: float, steps: int, hf_cg_steps: int = 5, lr: float = 1.0,
-    c1: float = 1e-4, backtrack: float = 0.5, max_backtracks: int = 10, gtol: float = 0.0,
-    return_info: bool = False,
-):  # fmt: skip
-    """iMAML-HF: ``steps`` Newton-CG iterations on G(phi) = L(phi) + lam/2 ||phi - theta||^2.
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("history_size", self.history_size, 1)
 
-    Each iteration: g = grad G(phi); d ~= -(H + lam I)^{-1} g by ``hf_cg_steps`` steps of truncated CG
-    (H = Hessian of L at phi, matrix-free; plainly the gradient graph is built once per iteration); then
-    backtracking phi <- phi + t d over t = lr, lr*backtrack, ... (``max_backtracks`` trials, values only)
-    to the first t with G(phi + t d) <= G(phi) + c1 t g^T d. Where H + lam I is not positive definite
-    (lam = 0 or strong negative curvature) truncated CG stops at its last descent iterate, or -g on the
-    first step, so d is always a descent direction. A task stops when ||g|| <= gtol or no trial step
-    decreases G. Per task and vmappable (under vmap every trial is evaluated and masked; the per-task loop
-    stops at the first accepted one). With ``return_info``: ``(phi, InnerInfo)``, ``accepted`` = Newton
-    steps taken (one more gradient evaluation for the residual).
-    """
-    if isinstance(hf_cg_steps, bool) or not isinstance(hf_cg_steps, int) or hf_cg_steps < 1:
-        raise ValueError(f"hf_cg_steps must be an integer >= 1, got {hf_cg_steps!r}")
-    _check_step(lr)
-    lam = _validate(theta, lam, steps)
-    theta = _fresh(theta)
-    phi = dict(theta)
-    loop = not under_functorch()
-    done = residual0 = accepted = None
-
-    def objective(p):
-        with torch.no_grad():
-            return proximal_objective(support_loss, p, theta, lam)
-
-    for _ in range(steps):
-        loss, g, hvp = grad_and_hvp(support_loss, phi)
-        if lam:
-            diff = tree_axpy(-1.0, theta, phi)
-            loss, g = loss + prox_penalty(lam, diff), add_lam_times(g, lam, diff)
-        gg = tree_dot(g, g)
-        if done is None:  # first iteration: what every report starts from
-            residual0, accepted = gg.sqrt(), torch.zeros_like(loss)
-            done = torch.zeros_like(gg, dtype=torch.bool)
-        done = done | ~(torch.isfinite(gg) & (gg.sqrt() > gtol))  # at every iterate, not only at theta
-        if loop and bool(done):
-            break
-
-        def matvec(v, hvp=hvp):
-            hv = hvp(v)
-            return add_lam_times(hv, lam, v) if lam else hv
-
-        neg_g = tree_map(torch.neg, g)
-        d, _ = conjugate_gradient(matvec, neg_g, hf_cg_steps, rtol=1e-12)
-        del hvp, matvec  # free this iteration's graph now, not when the next one is built
-        slope = tree_dot(g, d)
-        descent = torch.isfinite(slope) & (slope < 0)  # numerical safety: else steepest descent
-        d, slope = tree_where(descent, d, neg_g), torch.where(descent, slope, -gg)
-        moved = torch.zeros_like(done)
-        for j in range(max_backtracks):
-            if loop and bool(moved):
+    def solve(self, problem):
+        run = _Run(self, problem)
+        zeros = torch.zeros_like(run.g)
+        S, Y = [zeros] * self.history_size, [zeros] * self.history_size
+        rho = [torch.zeros_like(run.val)] * self.history_size
+        t = self.lr * torch.clamp(1.0 / run.g.abs().sum(1), max=1.0)
+        for _ in range(self.steps):
+            active = run.active()
+            if active is None:
                 break
-            t = lr * backtrack**j
-            cand = tree_axpy(t, d, phi)
-            f = objective(cand)
-            ok = ~done & ~moved & torch.isfinite(f) & _sufficient_decrease(f, loss, c1 * t * slope)
-            phi = tree_where(ok, cand, phi)
-            moved = moved | ok
-        accepted = accepted + moved.to(accepted.dtype)
-        done = done | ~moved
-    if not return_info:
-        return phi
-    val, g = _prox_value_and_grad(support_loss, theta, lam)(phi)
-    residual = tree_norm(g)
-    if residual0 is None:  # steps == 0
-        residual0, accepted = residual, torch.zeros_like(val)
-    # Armijo with c1 > 0 accepts decreases only: G cannot rise
-    return phi, InnerInfo(residual, residual0, torch.zeros_like(val, dtype=torch.bool), accepted, val)
+            moving = active & (run.g.abs().amax(1) > self.tolerance_grad)
+            d = _two_loop(run.g, S, Y, rho)
+            gtd = rowdot(run.g, d)
+            descent = torch.isfinite(gtd) & (gtd < 0)
+            d = select_rows(descent, d, -run.g)
+            gtd = torch.where(descent, gtd, -rowdot(run.g, run.g))
+            trial = torch.addcmul(run.phi, t[:, None], d)
+            new, g_new = problem.value_and_grad(trial)
+            ok = moving & torch.isfinite(new) & _sufficient_decrease(new, run.val, self.c1 * t * gtd)
+            s, y = trial - run.phi, g_new - run.g
+            sy = rowdot(s, y)
+            keep = ok & (sy > 1e-10)
+            S = [select_rows(keep, a, b) for a, b in zip([s, *S[:-1]], S, strict=True)]
+            Y = [select_rows(keep, a, b) for a, b in zip([y, *Y[:-1]], Y, strict=True)]
+            rho = [torch.where(keep, a, b) for a, b in zip([1.0 / sy, *rho[:-1]], rho, strict=True)]
+            run.phi, run.g = select_rows(ok, trial, run.phi), select_rows(ok, g_new, run.g)
+            run.val = torch.where(ok, new, run.val)
+            t = torch.where(ok, torch.full_like(t, self.lr), torch.where(moving, t * self.backtrack, t))
+            run.accepted = run.accepted + ok.to(run.accepted.dtype)
+            run.update_done()
+        return run.result()
 
 
-_SOLVERS = {
-    "gd_armijo": gd_armijo_adapt,
-    "gd": gd_adapt,
-    "sgd": sgd_adapt,
-    "adam": adam_adapt,
-    "lbfgs": lbfgs_adapt,
-    "hf": hessian_free_adapt,
-}
+@dataclass(frozen=True)
+class HessianFree(InnerSolver):
+    """iMAML-HF: ``steps`` Newton-CG iterations on G.
+
+    Each iteration: g = grad G(phi); d ~= -(B + Lam + mu I)^{-1} g by ``cg_steps`` steps of truncated CG, B
+    the curvature of L at phi (``curvature="hessian"``: the Hessian H; ``"gauss_newton"``: the generalised
+    Gauss-Newton matrix J^T H_out J, positive semi-definite for cross-entropy, as Martens' Hessian-free
+    optimisation uses), matrix-free (the graph is built once per iteration, each product is one or two more
+    backwards), mu = ``damping`` (adapted per task by Levenberg-Marquardt's rule with ``adapt_damping``: x 3/2
+    where the step achieved less than 1/4 of the decrease the damped quadratic model predicted, x 2/3 above
+    3/4; one more product per iteration); then backtracking phi <- phi + t d over t = lr, lr*backtrack, ...
+    (``max_backtracks`` trials, values only) to the first t with G(phi + t d) <= G(phi) + c1 t g^T d. Where
+    the matrix is not positive definite truncated CG stops at its last descent iterate, or -g on the first
+    step, so d is always a descent direction. A task stops when no trial step decreases G (or its tolerance is
+    met). ``accepted`` counts Newton steps taken; one more gradient for the report.
+    """
+
+    name: ClassVar[str] = "hf"
+    steps: int = 5
+    lr: float = 1.0
+    cg_steps: int = 5
+    c1: float = 1e-4
+    backtrack: float = 0.5
+    max_backtracks: int = 10
+    curvature: str = "hessian"
+    damping: float = 0.0
+    adapt_damping: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("cg_steps", self.cg_steps, 1)
+        _check_int("max_backtracks", self.max_backtracks, 1)
+        if self.curvature not in ("hessian", "gauss_newton"):
+            raise ValueError(
+                f"curvature must be 'hessian' or 'gauss_newton', got curvature={self.curvature!r}"
+            )
+        if not self.damping >= 0 or (self.adapt_damping and not self.damping > 0):
+            raise ValueError(f"damping must be >= 0 (> 0 to adapt it), got damping={self.damping!r}")
+
+    def _matrix(self, loss, phi: Tensor):
+        if self.curvature == "gauss_newton":
+            if not hasattr(loss, "outputs"):
+                raise ValueError(
+                    "curvature='gauss_newton' needs a TaskLoss (outputs and losses), got a plain loss"
+                )
+            return RetainedGGN(loss, phi)
+        return RetainedHVP(loss, phi)
+
+    def solve(self, problem):
+        curv = self._matrix(problem.loss, problem.theta)  # G, grad G at theta and the graph there
+        run = _Run(self, problem, initial=problem.with_prox(problem.theta, curv.value, curv.grad))
+        mu = torch.full_like(run.val, self.damping)
+        rows, sub, moved = None, problem, None  # the tasks curv covers; the tasks the last iteration moved
+        for it in range(self.steps):
+            if it:  # G, grad G and the graph at the new phi of the tasks that moved
+                rows, sub, _ = subproblem(problem, moved)  # every loss here can be restricted or is all rows
+                curv = self._matrix(sub.loss, gather(rows, run.phi))
+                val, g = sub.with_prox(gather(rows, run.phi), curv.value, curv.grad)
+                run.val, run.g = put(rows, run.val, val), put(rows, run.g, g)
+                run.update_done()
+            active = run.active()
+            if active is None:
+                break
+            step, mu_r = self._newton_step(run, rows, sub, curv, gather(rows, active), gather(rows, mu))
+            moved, mu = put(rows, torch.zeros_like(active), step), put(rows, mu, mu_r)
+            del curv  # free this iteration's graph now, not when the next one is built
+            run.accepted = run.accepted + moved.to(run.accepted.dtype)
+            run.done = run.done | (active & ~moved)  # no step decreases G: this task is as far as it gets
+            if not bool(moved.any()):
+                break
+        else:
+            if (
+                self.steps and moved is not None and bool(moved.any())
+            ):  # the report: G, grad G where they went
+                rows, sub, _ = subproblem(problem, moved)
+                val, g = sub.value_and_grad(gather(rows, run.phi))
+                run.val, run.g = put(rows, run.val, val), put(rows, run.g, g)
+        # Armijo with c1 > 0 accepts decreases only: G cannot rise
+        return run.result()
+
+    def _newton_step(self, run: _Run, rows, sub: ProximalProblem, curv, active: Tensor, mu: Tensor):
+        """Direction by truncated CG and a backtracking line search for the tasks ``rows`` (``active`` among
+        them); updates ``run.phi``; returns which of ``rows`` moved, and their damping for the next step."""
+        g, phi, val = gather(rows, run.g), gather(rows, run.phi), gather(rows, run.val)
+
+        def matvec(v):
+            bv = curv(v)
+            bv = sub.add_prox_grad(bv, v) if sub.has_prox else bv
+            return torch.addcmul(bv, mu[:, None], v) if self.damping else bv
+
+        d, _ = batched_conjugate_gradient(matvec, -g, self.cg_steps, rtol=1e-12)
+        slope = rowdot(g, d)
+        descent = torch.isfinite(slope) & (slope < 0)  # numerical safety: else steepest descent
+        d = select_rows(descent, d, -g)
+        slope = torch.where(descent, slope, -rowdot(g, g))
+        curvature_d = rowdot(d, matvec(d)) if self.adapt_damping else None  # d^T (B + Lam + mu I) d
+        moved = torch.zeros_like(active)
+        step, actual = torch.zeros_like(val), torch.zeros_like(val)  # per task: the step taken, G's change
+        for j in range(self.max_backtracks):
+            trying = active & ~moved
+            if not bool(trying.any()):
+                break
+            t = self.lr * self.backtrack**j
+            tr, tsub, tmask = subproblem(sub, trying)  # evaluate only the tasks still searching
+            cand = torch.add(gather(tr, phi), gather(tr, d), alpha=t)
+            f = tsub.objective(cand)
+            old = gather(tr, val)
+            ok = torch.isfinite(f) & _sufficient_decrease(f, old, self.c1 * t * gather(tr, slope))
+            ok = ok if tmask is None else ok & tmask
+            phi = put(tr, phi, select_rows(ok, cand, gather(tr, phi)))
+            now = put(tr, torch.zeros_like(moved), ok)
+            step = torch.where(now, t, step)
+            actual = put(tr, actual, torch.where(ok, f - old, gather(tr, actual)))
+            moved = moved | now
+        run.phi = put(rows, run.phi, phi)
+        if curvature_d is not None:  # Levenberg-Marquardt: the achieved share of the model's decrease
+            predicted = step * slope + 0.5 * step * step * curvature_d
+            rho = torch.where(
+                moved & (predicted < 0), actual / torch.where(predicted < 0, predicted, -1.0), 0.0
+            )
+            shrink_or_grow = torch.where(rho < 0.25, mu * 1.5, torch.where(rho > 0.75, mu / 1.5, mu))
+            mu = torch.where(active, shrink_or_grow, mu)
+        return moved, mu
+
+
+def make_solver(name: str | InnerSolver, **options: Any) -> InnerSolver:
+    """The solver registered as ``name`` with ``options`` (its dataclass fields); a solver object passes
+    through unchanged (then ``options`` must be empty)."""
+    if isinstance(name, InnerSolver):
+        if options:
+            raise ValueError(f"options {sorted(options)} given with a solver object {name!r}; set them on it")
+        return name
+    key = name.lower() if isinstance(name, str) else name
+    if key not in SOLVERS:
+        raise ValueError(f"unknown inner solver {name!r}; valid: {sorted(SOLVERS)}")
+    cls = SOLVERS[key]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(options) - fields)
+    if bad:
+        raise ValueError(f"inner solver {key!r} takes only {sorted(fields)}, got unknown option(s) {bad}")
+    return cls(**options)
 
 
 def proximal_adapt(
-    support_loss: SupportLoss,
+    support_loss: Callable[[dict[str, Tensor]], Tensor],
     theta: Mapping[str, Tensor],
-    lam: float,
+    lam: float | Mapping[str, Tensor],
     steps: int,
-    optimizer: str = "gd_armijo",
+    optimizer: str | InnerSolver = "gd_armijo",
     lr: float | None = None,
-    hf_cg_steps: int = 5,
-    return_info: bool = False,
-    **optimizer_kwargs,
-):
-    """Minimise L(phi) + lam/2 ||phi - theta||^2 from phi = theta with the named solver; returns detached phi.
-
-    optimizer: "gd_armijo" (default: GD with a per-task safeguarded step, G never increases; ``lr`` its
-    largest step), "gd" (fixed step, the textbook iMAML-GD; diverges once the support curvature exceeds
-    2/lr - lam), "sgd" / "adam" (as torch.optim's; momentum etc. via ``optimizer_kwargs``), "lbfgs"
-    (``steps`` trial steps), "hf" (Hessian-free Newton-CG, iMAML-HF, ``hf_cg_steps`` CG steps per
-    iteration). :data:`OPTIONS` lists each one's options. lr None picks 0.1 for gd_armijo/gd/sgd/adam
-    and 1.0 (the initial line-search step) for lbfgs/hf. Every one is a per-task function that vmap
-    batches. With ``return_info=True`` returns ``(phi, InnerInfo)``.
+    **options: Any,
+) -> tuple[dict[str, Tensor], InnerInfo]:
+    """Minimise L(phi) + lam/2 ||phi - theta||^2 from phi = theta with the solver named ``optimizer`` (one
+    task, dicts): ``make_solver(optimizer, steps=steps, lr=lr, **options)(support_loss, theta, lam)``; a
+    solver object runs with ``steps``, ``lr`` and ``options`` replacing its own. ``lr`` None takes the
+    solver's (0.1 for the gradient methods, 1.0 for lbfgs / hf). Returns ``(phi, InnerInfo)``.
     """
-    name = optimizer.lower() if isinstance(optimizer, str) else optimizer
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {list(OPTIMIZERS)}")
-    bad = sorted(set(optimizer_kwargs) - set(OPTIONS[name]))
-    if bad:
-        takes = f"only {', '.join(OPTIONS[name])}" if OPTIONS[name] else "no extra options"
-        raise ValueError(f"optimizer {name!r} takes {takes}, got {bad}")
-    lr = _DEFAULT_LR[name] if lr is None else lr
-    if name == "hf":
-        optimizer_kwargs["hf_cg_steps"] = hf_cg_steps
-    return _SOLVERS[name](support_loss, theta, lam, steps, lr=lr, return_info=return_info, **optimizer_kwargs)
+    if lr is not None:
+        options["lr"] = lr
+    if isinstance(optimizer, InnerSolver):
+        return dataclasses.replace(optimizer, steps=steps, **options)(support_loss, theta, lam)
+    return make_solver(optimizer, steps=steps, **options)(support_loss, theta, lam)

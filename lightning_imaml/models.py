@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
-__all__ = ["OmniglotConv4", "MiniImageNetConv4", "SinusoidMLP", "paper_init_", "init_head_", "HEAD_INITS"]
+__all__ = ["HEAD_INITS", "MiniImageNetConv4", "OmniglotConv4", "SinusoidMLP", "init_head_", "paper_init_"]
 
 
 def paper_init_(module: nn.Module, gain: float = 1.73, bias_high: float = 0.05) -> nn.Module:
@@ -151,17 +150,3 @@ class SinusoidMLP(nn.Sequential):
                 ]
             )
         )
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable scalars in ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-if __name__ == "__main__":  # pragma: no cover - quick shape check
-    for net, x in [
-        (OmniglotConv4(5), torch.zeros(2, 1, 28, 28)),
-        (MiniImageNetConv4(5), torch.zeros(2, 3, 84, 84)),
-        (SinusoidMLP(), torch.zeros(2, 1)),
-    ]:
-        print(type(net).__name__, tuple(net(x).shape), count_parameters(net))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,7 +28,10 @@ def _run(script: str, out: Path, *extra: str, timeout: int = 300) -> dict:
     assert out.exists(), f"{script} wrote no {out}"
     assert out.with_suffix(".png").exists(), f"{script} wrote no plot"
     assert out.with_suffix(".png").stat().st_size > 1000
-    return json.loads(out.read_text())
+    d = json.loads(out.read_text())
+    assert set(d["git"]) == {"commit", "dirty"}, "results record the commit they ran on (common.write_json)"
+    _check_machine(d["machine"])
+    return d
 
 
 def _check_machine(m: dict) -> None:
@@ -38,49 +42,54 @@ def _check_machine(m: dict) -> None:
     assert m["gpu_name"] is None or isinstance(m["gpu_name"], str)
 
 
+def _omniglot_available() -> bool:
+    root = Path(os.environ.get("IMAML_OMNIGLOT_ROOT", ROOT.parent / "shared" / "omniglot"))
+    return (root / "omniglot-py" / "images_background").is_dir()
+
+
+needs_omniglot = pytest.mark.skipif(
+    not _omniglot_available(), reason="no Omniglot data (IMAML_OMNIGLOT_ROOT)"
+)
+OURS = {"imaml", "imaml_default", "imaml_learned_lam", "maml", "fomaml"}  # speed.py: this project's learners
+FLOPS_ROW = ("s_per_meta_step", "gflops_achieved", "share_of_sgemm", "vs_loop", "rel_diff_vs_loop")
+
+
 def test_speed_quick(tmp_path):
     d = _run("speed.py", tmp_path / "speed.json", "--threads", "1")
     assert d["benchmark"] == "speed"
-    _check_machine(d["machine"])
     for key in ("n_way", "k_shot", "k_query", "meta_batch_size", "inner_steps", "cg_steps", "lam", "rounds"):
         assert isinstance(d["config"][key], NUM), key
     assert d["config"]["quick"] is True
+    assert isinstance(d["config"]["keep_freed_memory"], bool)
     assert isinstance(d["contenders"], dict) and d["contenders"]
     assert isinstance(d["skipped"], dict)
     # every contender is either timed or skipped with a reason
-    expected = {
-        "imaml",
-        "imaml_batched",
-        "torchopt_cg",
-        "torchopt_normal_cg",
-        "maml",
-        "fomaml",
-        "l2l_maml",
-        "floor",
-    }
-    assert expected <= set(d["contenders"]) | set(d["skipped"])
+    peers = {"torchopt_cg": "torchopt", "torchopt_normal_cg": "torchopt", "l2l_maml": "learn2learn"}
+    assert OURS | set(peers) | {"floor"} == set(d["contenders"]) | set(d["skipped"])
     # this project's own contenders (and the floor) must run: a crash would only move them to "skipped"
-    assert {"imaml", "imaml_batched", "imaml_learned_lam", "maml", "fomaml", "floor"} <= set(
-        d["contenders"]
-    ), d["skipped"]
+    assert OURS | {"floor"} <= set(d["contenders"]), d["skipped"]
     # peers may be missing from the machine (then skipped with the reason), never crash when installed
-    for peer, module in (
-        ("l2l_maml", "learn2learn"),
-        ("torchopt_cg", "torchopt"),
-        ("torchopt_normal_cg", "torchopt"),
-    ):
+    for peer, module in peers.items():
         if importlib.util.find_spec(module) is not None:
             assert peer in d["contenders"], d["skipped"].get(peer)
-    assert d["reference"] in d["contenders"]
+    assert d["reference"] == "imaml"
     for name, c in d["contenders"].items():
         assert isinstance(c["median_s"], float) and c["median_s"] > 0, name
         assert isinstance(c["times_s"], list) and len(c["times_s"]) == d["config"]["rounds"], name
         assert isinstance(c["ratio_to_imaml"], float), name
         assert c["peak_memory_mib"] is None or isinstance(c["peak_memory_mib"], float), name
         assert isinstance(c["note"], str), name
-    for key in ("imaml_over_torchopt_cg", "imaml_over_floor", "imaml_over_l2l_maml", "batched_over_looped"):
+        # this project's learners record how many tasks they computed at once (1 = the per-task loop)
+        if name in OURS:
+            assert isinstance(c["chunk_size"], int) and 1 <= c["chunk_size"] <= d["config"]["meta_batch_size"]
+        else:
+            assert c["chunk_size"] is None, name
+    assert d["contenders"]["imaml"]["chunk_size"] == 1  # batched_tasks=False
+    assert isinstance(d["contenders"]["imaml"]["peak_memory_mib"], float)  # --memory's default
+    for key in ("imaml_over_torchopt_cg", "imaml_over_floor", "imaml_over_l2l_maml", "default_over_looped"):
         assert key in d["summary"]
         assert d["summary"][key] is None or isinstance(d["summary"][key], float)
+    assert d["summary"]["default_chunk_size"] == d["contenders"]["imaml_default"]["chunk_size"]
     if "torchopt_cg" in d["contenders"]:
         for dtype in ("float32", "float64"):
             ag = d["agreement"][dtype]
@@ -90,15 +99,18 @@ def test_speed_quick(tmp_path):
             # the same linear system, the same CG: agreement to rounding (measured 4.3e-7 f32, 6.0e-16 f64)
             assert ag["same_phi"]["rel_err"] < (1e-5 if dtype == "float32" else 1e-12), (dtype, ag)
             assert isinstance(ag["scaling_rel_err_lam_u_vs_x"], float)
+    else:
+        assert "error" in d["agreement"]
 
 
 def test_memory_quick(tmp_path):
     d = _run("memory.py", tmp_path / "memory.json", "--threads", "1")
     assert d["benchmark"] == "memory"
-    _check_machine(d["machine"])
     cfg = d["config"]
     assert isinstance(cfg["inner_steps"], list) and isinstance(cfg["n_ways"], list)
     assert isinstance(cfg["k_query"], int)
+    assert cfg["methods"] == ["IMAML", "MAML", "FOMAML"]
+    assert cfg["batched_tasks"] is False
     assert d["failures"] == [], d["failures"]
     assert len(d["cases"]) == len(cfg["inner_steps"]) * len(cfg["n_ways"]) * len(cfg["methods"])
     for c in d["cases"]:
@@ -112,17 +124,77 @@ def test_memory_quick(tmp_path):
     assert {"primary", "secondary", "isolation"} <= set(d["measurement"])
 
 
-def _omniglot_available() -> bool:
-    root = Path(os.environ.get("IMAML_OMNIGLOT_ROOT", ROOT.parent / "shared" / "omniglot"))
-    return (root / "omniglot-py" / "images_background").is_dir()
+def test_flops_quick(tmp_path):
+    d = _run("flops.py", tmp_path / "flops.json")
+    assert d["benchmark"] == "flops"
+    methods = set(d["config"]["methods"])
+    assert methods and set(d["gflop_per_meta_step"]) == methods == set(d["gflop_by_operator"])
+    for m in methods:
+        assert isinstance(d["gflop_per_meta_step"][m], float) and d["gflop_per_meta_step"][m] > 0, m
+        assert all(isinstance(v, float) for v in d["gflop_by_operator"][m].values()), m
+    assert isinstance(d["runs"], list) and d["runs"]
+    for run in d["runs"]:
+        assert isinstance(run["threads"], int) and isinstance(run["sgemm_gflops"], float)
+        rows = run["contenders"]
+        # every method's per-task loop and default path, and the fixed chunk sizes of iMAML
+        assert {f"{m}_loop" for m in methods} | methods <= set(rows)
+        for name, r in rows.items():
+            for key in FLOPS_ROW:
+                assert isinstance(r[key], float) and math.isfinite(r[key]), (name, key)
+            assert isinstance(r["chunk_size"], int) and r["chunk_size"] >= 1, name
+            assert r["method"] in methods, name
+        for m in methods:  # the loop is every path's reference
+            assert rows[f"{m}_loop"]["chunk_size"] == 1
+            assert rows[f"{m}_loop"]["vs_loop"] == 1.0 and rows[f"{m}_loop"]["rel_diff_vs_loop"] == 0.0
+    profile = d["profile_default_1_thread"]
+    assert isinstance(profile, list) and profile
+    for row in profile:
+        assert isinstance(row["op"], str) and isinstance(row["calls"], int)
+        assert isinstance(row["self_ms"], float) and isinstance(row["share"], float)
 
 
-@pytest.mark.skipif(not _omniglot_available(), reason="Omniglot data not found (IMAML_OMNIGLOT_ROOT)")
+@needs_omniglot
+def test_inner_stability_quick(tmp_path):
+    solvers = ["gd", "gd_armijo", "hf"]
+    out = tmp_path / "inner_stability.json"
+    d = _run("inner_stability.py", out, "--threads", "1", "--solvers", ",".join(solvers))
+    assert d["benchmark"] == "inner_stability"
+    assert d["config"]["quick"] is True
+    assert d["results"]
+    for run in d["results"].values():
+        assert set(run["summary"]) == {"eig", *solvers}
+        assert len(run["tasks"]) == d["config"]["tasks"]
+        for row in run["tasks"]:
+            assert isinstance(row["eig"], float)
+            for s in solvers:
+                for key in ("residual", "residual_rel", "accepted", "iterations", "objective"):
+                    assert isinstance(row[s][key], float), (s, key)
+                assert isinstance(row[s]["rose"], bool)
+            # G along fixed-step GD: at theta and after every step
+            assert len(row["gd_objective_per_step"]) == d["config"]["steps"] + 1
+
+
+@needs_omniglot
+def test_data_throughput_quick(tmp_path):
+    d = _run("data_throughput.py", tmp_path / "data_throughput.json", "--threads", "1")
+    assert d["benchmark"] == "data_throughput"
+    assert d["config"]["quick"] is True and isinstance(d["config"]["batches_timed"], int)
+    for key in (
+        "setup_from_cache_or_decode_s",
+        "direct_episodes_per_s_workers0",
+        "direct_episodes_per_s_workers2",
+        "direct_no_rotations_episodes_per_s_workers0",
+        "learn2learn_no_rotations_episodes_per_s_workers0",
+    ):
+        assert isinstance(d[key], float) and d[key] > 0, key
+    assert "decode_all_images_s" not in d  # --quick skips the cold decode
+
+
+@needs_omniglot
 def test_accuracy_quick(tmp_path):
     out = tmp_path / "accuracy.json"
     d = _run("accuracy.py", out, "--threads", "1", "--device", "cpu")
     assert d["benchmark"] == "accuracy"
-    _check_machine(d["machine"])
     assert set(d["methods"]) == {"imaml", "imaml_hf", "fomaml", "maml", "imaml_lam"}
     for m, r in d["methods"].items():
         assert isinstance(r["test_acc"], float) and 0.0 <= r["test_acc"] <= 1.0, m

@@ -338,6 +338,101 @@ def test_unknown_config_key_is_a_clear_error(in_tmp, capsys):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# the user's errors found once the run starts: one line, exit status 2 (issue 24)
+# ------------------------------------------------------------------------------------------------------------
+def _user_error(*args: str, timeout: int = 300) -> str:
+    """Run train.py in a subprocess; assert exit status 2, no traceback, at most 6 lines of output
+    (Lightning's own 'GPU available' banner included) ending in one 'error: ...' line; return that line."""
+    res = _run_subprocess(*args, "--trainer.logger", "false", timeout=timeout)
+    out = (res.stdout + res.stderr).strip().splitlines()
+    lines = [ln for ln in out if "warn" not in ln.lower()]
+    assert res.returncode == 2, (res.returncode, out[-20:])
+    assert "Traceback" not in res.stderr
+    assert len(lines) <= 6, lines
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, lines
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def sinusoid_maml_ckpt(tmp_path_factory) -> Path:
+    """A checkpoint written by `train.py fit --model MAML` on the embedded sinusoid experiment (2 steps)."""
+    d = tmp_path_factory.mktemp("maml_ckpt")
+    res = subprocess.run(
+        [sys.executable, str(TRAIN), "fit", "--model", "MAML", "--model.inner_lr", "0.01",
+         "--trainer.max_steps", "1",
+         "--trainer.limit_val_batches", "1", "--test_after_fit", "false", "--data.val_tasks", "2"],
+        cwd=d, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    return next(d.rglob("last.ckpt"))
+
+
+@pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found")
+def test_missing_data_root_is_one_line():
+    line = _user_error(
+        "fit", "--config", "configs/omniglot_5way1shot_imaml_gd.yaml", "--data.root", "/nonexistent"
+    )
+    assert "/nonexistent" in line and "IMAML_OMNIGLOT_ROOT" in line
+
+
+@pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found")
+@pytest.mark.parametrize("flag,value,named", [("n_way", "200", "n_way=200"), ("k_shot", "25", "k_shot")])
+def test_sizes_the_split_cannot_serve_are_one_line(flag, value, named):
+    line = _user_error("fit", "--config", "configs/omniglot_5way1shot_imaml_gd.yaml", f"--data.{flag}", value)
+    assert named in line and value in line
+
+
+def test_missing_checkpoint_is_one_line():
+    line = _user_error("test", "--ckpt_path", "/nonexistent.ckpt")
+    assert "/nonexistent.ckpt" in line and "does not exist" in line
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line():
+    line = _user_error("test", "--ckpt_path", str(ROOT / "README.md"))
+    assert "README.md" in line and "not a checkpoint" in line and "weights_only" not in line
+
+
+@pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found")
+def test_a_checkpoint_of_another_learner_or_network_is_one_line(sinusoid_maml_ckpt):
+    line = _user_error(
+        "test", "--config", "configs/omniglot_5way1shot_imaml_gd.yaml", "--ckpt_path", str(sinusoid_maml_ckpt)
+    )
+    assert "MAML" in line and "IMAML" in line
+    line = _user_error(
+        "test", "--config", "configs/omniglot_5way1shot_maml.yaml", "--ckpt_path", str(sinusoid_maml_ckpt)
+    )
+    assert "SinusoidMLP" in line and "OmniglotConv4" in line
+
+
+def test_traceback_flag_shows_the_traceback_of_a_user_error():
+    res = _run_subprocess(
+        "test", "--ckpt_path", "/nonexistent.ckpt", "--traceback", "--trainer.logger", "false"
+    )
+    assert res.returncode != 0 and "Traceback" in res.stderr and "CheckpointNotFoundError" in res.stderr
+
+
+def test_the_python_api_raises_the_same_messages_with_the_old_types(tmp_path):
+    from datamodules import OmniglotDataModule
+    from lightning_imaml import IMAML
+    from lightning_imaml.errors import UserInputError
+
+    with pytest.raises(FileNotFoundError, match="/nonexistent.ckpt") as exc:
+        IMAML.load_from_checkpoint("/nonexistent.ckpt")
+    assert isinstance(exc.value, UserInputError)
+    with pytest.raises(ValueError, match="README.md") as exc:
+        IMAML.load_from_checkpoint(str(ROOT / "README.md"))
+    assert isinstance(exc.value, UserInputError)
+    with pytest.raises(FileNotFoundError, match="/nonexistent") as exc:
+        OmniglotDataModule(root="/nonexistent").setup("fit")
+    assert isinstance(exc.value, UserInputError)
+    if HAVE_OMNIGLOT:
+        with pytest.raises(ValueError, match="n_way=200") as exc:
+            OmniglotDataModule(root=str(OMNIGLOT_ROOT), n_way=200).setup("fit")
+        assert isinstance(exc.value, UserInputError)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # the table
 # ------------------------------------------------------------------------------------------------------------
 def test_meta_test_table_format():

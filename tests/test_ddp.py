@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo): 2 ranks stay identical and equal a 1-process run on the union of their tasks.
+"""DDP on CPU (gloo): 2 ranks stay identical and equal a 1-process run on the union of their tasks; a NaN
+meta-gradient on one rank skips the step on both.
 
 The Trainers run in a subprocess script (Lightning's DDP launcher re-executes the script for rank 1),
 so pytest itself never forks or initialises a process group.
@@ -28,26 +29,30 @@ SCRIPT = textwrap.dedent(
     STEPS, B = 3, 2
 
 
-    def task_batch(rank, step, dtype):
-        # sinusoid regression tasks, different for every (rank, step)
+    def task_batch(rank, step, dtype, nan=False):
+        # sinusoid regression tasks, different for every (rank, step); with nan, rank 1's first meta-batch
+        # has a NaN query target (so a NaN meta-gradient on that rank only)
         g = torch.Generator().manual_seed(1000 * rank + step)
         amp = 0.5 + 4.5 * torch.rand(B, 1, 1, generator=g)
         phase = 3.1416 * torch.rand(B, 1, 1, generator=g)
         sx = 10 * torch.rand(B, 10, 1, generator=g) - 5
         qx = 10 * torch.rand(B, 10, 1, generator=g) - 5
-        return tuple(t.to(dtype) for t in (sx, amp * torch.sin(sx + phase), qx, amp * torch.sin(qx + phase)))
+        qy = amp * torch.sin(qx + phase)
+        if nan and rank == 1 and step == 0:
+            qy[1, 0, 0] = float("nan")
+        return tuple(t.to(dtype) for t in (sx, amp * torch.sin(sx + phase), qx, qy))
 
 
     class Stream(IterableDataset):
-        def __init__(self, mode, dtype):
-            self.mode, self.dtype = mode, dtype
+        def __init__(self, mode, dtype, nan):
+            self.mode, self.dtype, self.nan = mode, dtype, nan
 
         def __iter__(self):
             for s in range(STEPS):
                 if self.mode == "ddp":
-                    yield task_batch(torch.distributed.get_rank(), s, self.dtype)
+                    yield task_batch(torch.distributed.get_rank(), s, self.dtype, self.nan)
                 else:  # the union of both ranks' tasks in one meta-batch
-                    pairs = zip(task_batch(0, s, self.dtype), task_batch(1, s, self.dtype))
+                    pairs = zip(*(task_batch(r, s, self.dtype, self.nan) for r in (0, 1)))
                     yield tuple(torch.cat(p) for p in pairs)
 
 
@@ -71,7 +76,7 @@ SCRIPT = textwrap.dedent(
             self.seen.append(batch[0].detach().clone())
 
 
-    def main(out, mode, dtype_name):
+    def main(out, mode, dtype_name, nan=False):
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
         model = SinusoidMLP(hidden=16).to(dtype)
@@ -86,9 +91,12 @@ SCRIPT = textwrap.dedent(
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             callbacks=[spy],
         )
-        trainer.fit(learner, train_dataloaders=DataLoader(Stream(mode, dtype), batch_size=None))
-        val_tasks = DataLoader(ValTasks(dtype), batch_size=2)
-        (val,) = trainer.validate(learner, dataloaders=val_tasks, verbose=False)
+        trainer.fit(learner, train_dataloaders=DataLoader(Stream(mode, dtype, nan), batch_size=None))
+        logged_skipped = float(trainer.callback_metrics["train/skipped_steps"])
+        val = None
+        if not nan:
+            val_tasks = DataLoader(ValTasks(dtype), batch_size=2)
+            (val,) = trainer.validate(learner, dataloaders=val_tasks, verbose=False)
         torch.save(
             {
                 "params": {k: v.detach().clone() for k, v in learner.meta_parameters().items()},
@@ -96,16 +104,19 @@ SCRIPT = textwrap.dedent(
                 "world_size": trainer.world_size,
                 "backend": getattr(trainer.strategy, "process_group_backend", None),
                 "skipped": learner.skipped_steps,
+                "logged_skipped": logged_skipped,
+                "chunk_sizes": dict(learner.chunk_sizes),
                 "val": val,
             },
-            f"{out}/{mode}_{dtype_name}_rank{trainer.global_rank}.pt",
+            f"{out}/{mode}_{dtype_name}{'_nan' if nan else ''}_rank{trainer.global_rank}.pt",
         )
 
 
     if __name__ == "__main__":
-        # one launch for both dtypes: after the first fit the process group (gloo) is reused
+        # one launch for all runs: after the first fit the process group (gloo) is reused
         for name in ("float32", "float64"):
             main(sys.argv[1], "ddp", name)
+        main(sys.argv[1], "ddp", "float64", nan=True)
     """
 )
 
@@ -127,6 +138,7 @@ def runs(tmp_path_factory):
     module = runpy.run_path(str(script), run_name="ddp_single")
     for name in ("float32", "float64"):
         module["main"](str(out), "single", name)
+    module["main"](str(out), "single", "float64", nan=True)
     return out
 
 
@@ -162,3 +174,23 @@ def test_ddp_two_ranks_equal_one_process_on_union(runs, dtype_name, tol):
         assert r["val"]["val/n_tasks"] == 8 == single["val"]["val/n_tasks"]
         assert abs(r["val"]["val/mse"] - single["val"]["val/mse"]) <= 1e3 * tol * single["val"]["val/mse"]
     assert r0["val"]["val/mse"] == r1["val"]["val/mse"]
+
+
+def test_ddp_nan_on_one_rank_skips_the_step_on_both(runs):
+    """Rank 1's first meta-batch has a NaN query target: the non-finite check runs after the all-reduce, so
+    both ranks skip that step (and count it) and stay identical; the 1-process run on the union skips it
+    too."""
+    r0 = torch.load(runs / "ddp_float64_nan_rank0.pt")
+    r1 = torch.load(runs / "ddp_float64_nan_rank1.pt")
+    single = torch.load(runs / "single_float64_nan_rank0.pt")
+    assert r0["world_size"] == 2
+    assert r0["skipped"] == r1["skipped"] == single["skipped"] == 1
+    assert r0["logged_skipped"] == r1["logged_skipped"] == 1.0
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+        assert torch.isfinite(r0["params"][k]).all(), k
+    diff = float((_flat(r0["params"]) - _flat(single["params"])).norm() / _flat(single["params"]).norm())
+    assert diff < 1e-12
+    # the two clean steps moved theta: not the same as the one-process run without the NaN
+    clean = torch.load(runs / "single_float64_rank0.pt")
+    assert not torch.equal(_flat(single["params"]), _flat(clean["params"]))
