@@ -213,6 +213,23 @@ def test_accuracy_quick(tmp_path):
     d2 = _run("accuracy.py", out, "--threads", "1", "--device", "cpu", timeout=120)
     assert d2["methods"]["imaml"]["test_acc"] == d["methods"]["imaml"]["test_acc"]
     assert "exists, skipping" in out.with_suffix(".log").read_text()
+    # eval_protocols.py on a saved theta: its gd_armijo lam 0 protocol is iMAML's validation protocol, so on the
+    # same fixed validation tasks it reproduces the benchmark's last validation accuracy
+    ckpt = tmp_path / "accuracy_ckpt" / "imaml" / "last.ckpt"
+    proto_out = tmp_path / "protocols.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(BENCH / "eval_protocols.py"), "--ckpt", str(ckpt), "--protocols",
+           "gd_armijo:0:2,hf:2:1", "--tasks", "2", "--threads", "1", "--out", str(proto_out)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads(proto_out.read_text())
+    imaml = d["methods"]["imaml"]
+    last_val = imaml["val_curve"][-1]
+    assert p["step"] == last_val["step"] == d["config"]["steps"]
+    assert set(p["protocols"]) == {"gd_armijo:0:2", "hf:2:1"}
+    assert p["protocols"]["gd_armijo:0:2"]["acc"] == pytest.approx(last_val["val_acc"], abs=1e-6)
+    for row in p["protocols"].values():
+        assert 0.0 <= row["acc"] <= 1.0 and row["residual_rel_median"] >= 0.0
 
 
 def test_results_record_their_commit_and_committed_ones_are_not_overwritten_from_a_dirty_tree(
