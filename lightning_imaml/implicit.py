@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .cg import CG, CGInfo
-from .params import ParamSpec, check_same_structure, detached, rowdot
+from .params import ParamSpec, check_lam_layout, check_same_structure, detached, rowdot
 
 __all__ = [
     "ImplicitGradient",
@@ -191,16 +191,7 @@ class ImplicitGradient(NamedTuple):
 
 def _check_lam(lam, params) -> float | dict[str, Tensor]:
     if isinstance(lam, Mapping):
-        if set(lam) != set(params):
-            raise ValueError(
-                f"a per-parameter lam needs the keys of params: missing {sorted(set(params) - set(lam))}, "
-                f"unknown {sorted(set(lam) - set(params))}"
-            )
-        for k, v in lam.items():
-            if v.dim() and tuple(v.shape) != tuple(params[k].shape):
-                raise ValueError(
-                    f"lam[{k!r}] has shape {tuple(v.shape)}; use a 0-d tensor or {tuple(params[k].shape)}"
-                )
+        check_lam_layout(lam, params)
         bad = [k for k, v in lam.items() if not bool(torch.isfinite(v).all() & (v > 0).all())]
         if bad:
             raise ValueError(

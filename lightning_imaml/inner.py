@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .cg import batched_conjugate_gradient
 from .implicit import RetainedGGN, RetainedHVP, value_and_grad
-from .params import ParamSpec, detached, rowdot, select_rows
+from .params import ParamSpec, check_lam_layout, detached, rowdot, select_rows
 
 __all__ = [
     "SOLVERS",
@@ -293,16 +293,7 @@ class InnerSolver:
         spec = ParamSpec.of(theta)
         flat_theta = spec.flatten(detached(theta)).unsqueeze(0)
         if isinstance(lam, Mapping):
-            if set(lam) != set(theta):
-                raise ValueError(
-                    f"a per-parameter lam needs theta's keys: missing {sorted(set(theta) - set(lam))}, "
-                    f"unknown {sorted(set(lam) - set(theta))}"
-                )
-            for k, v in lam.items():
-                if v.dim() and tuple(v.shape) != tuple(theta[k].shape):
-                    raise ValueError(
-                        f"lam[{k!r}] has shape {tuple(v.shape)}; use a 0-d tensor or {tuple(theta[k].shape)}"
-                    )
+            check_lam_layout(lam, theta, "theta")
             lam = spec.expand(detached(lam))
         problem = ProximalProblem(
             lambda row: support_loss(spec.unflatten(row[0])).reshape(1), flat_theta, lam

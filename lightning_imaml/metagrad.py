@@ -19,7 +19,7 @@ CG and solver arithmetic run on the float32 (or float64) parameters, so bf16 rou
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -249,19 +249,11 @@ def adapt_tasks(
 
 
 def adapt(
-    model: nn.Module,
-    theta: Mapping[str, Tensor],
-    support_x: Tensor,
-    support_y: Tensor,
-    *,
-    loss_fn: LossFn,
-    lam: float | Mapping[str, Tensor],
-    solver: InnerSolver,
-    cast: ForwardCast | None = None,
+    model: nn.Module, theta: Mapping[str, Tensor], support_x: Tensor, support_y: Tensor, **options: Any
 ) -> tuple[dict[str, Tensor], InnerInfo]:
-    """One task (``support_x [n, ...]``): :func:`adapt_tasks` with T = 1; phi a dict like theta, 0-d info."""
+    """One task (``support_x [n, ...]``): :func:`adapt_tasks` with T = 1 and its keyword ``options``
+    (``loss_fn``, ``lam``, ``solver``, ``cast``); phi a dict like theta, 0-d info."""
     phi, info = adapt_tasks(
-        model, theta, support_x.unsqueeze(0), support_y.unsqueeze(0), loss_fn=loss_fn, lam=lam, solver=solver,
-        cast=cast, mode="loop",
-    )  # fmt: skip
+        model, theta, support_x.unsqueeze(0), support_y.unsqueeze(0), **{**options, "mode": "loop"}
+    )
     return {k: v[0] for k, v in phi.items()}, InnerInfo(*(f[0] for f in info))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ParamSpec", "check_same_structure", "detached", "rowdot", "select_rows"]
+__all__ = ["ParamSpec", "check_lam_layout", "check_same_structure", "detached", "rowdot", "select_rows"]
 
 
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -91,6 +91,21 @@ class ParamSpec:
     def segment_sum(self, flat: Tensor) -> dict[str, Tensor]:
         """``[*lead, P]`` -> dict name -> ``[*lead]``: the sum over each parameter tensor's entries."""
         return {n: p.sum(-1) for n, p in zip(self.names, flat.split(self.sizes, dim=-1), strict=True)}
+
+
+def check_lam_layout(lam: Mapping[str, Tensor], params: Mapping[str, Tensor], name: str = "params") -> None:
+    """Raise ``ValueError`` unless the per-parameter ``lam`` has the keys of ``params`` (``name`` in the
+    message), each entry 0-d or of its parameter's shape."""
+    if set(lam) != set(params):
+        raise ValueError(
+            f"a per-parameter lam needs the keys of {name}: missing {sorted(set(params) - set(lam))}, "
+            f"unknown {sorted(set(lam) - set(params))}"
+        )
+    for k, v in lam.items():
+        if v.dim() and tuple(v.shape) != tuple(params[k].shape):
+            raise ValueError(
+                f"lam[{k!r}] has shape {tuple(v.shape)}; use a 0-d tensor or {tuple(params[k].shape)}"
+            )
 
 
 def check_same_structure(a, b, names: Sequence[str] = ("a", "b")) -> None:
