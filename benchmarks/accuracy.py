@@ -697,7 +697,9 @@ def main(argv=None):
             "threads": a.threads or torch.get_num_threads(),
             "quick": a.quick,
             "seed": a.seed,
-            "test_weights": "final (no checkpoint selection)",
+            "test_weights": "final (no checkpoint selection)"
+            if a.test_weights == "final"
+            else "best validation accuracy",
             "budget_minutes": a.budget_minutes,
             "calibration_s_per_meta_step": calibration,
         },
