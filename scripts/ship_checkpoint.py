@@ -1,11 +1,11 @@
-"""Make a benchmark's exported weights a checkpoint a user can load alone (``checkpoints/``).
+"""Make a benchmark's exported weights a checkpoint a user can load alone (``pretrained/``).
 
 ``benchmarks/accuracy.py --methods ... --export DIR`` builds its learners with a network object, so the file's
 hyperparameters lack the network; this adds it as a LightningCLI ``class_path`` config (as ``train.py``'s
 checkpoints hold it), with the learner's class path and LightningCLI's instantiator, keeps weights and
 hyperparameters only, and checks that ``<Learner>.load_from_checkpoint(DST)`` rebuilds it:
 
-  python scripts/ship_checkpoint.py round_b_export/imaml.ckpt checkpoints/omniglot_5way1shot_imaml_gd.ckpt \\
+  python scripts/ship_checkpoint.py round_b_export/imaml.ckpt pretrained/omniglot_5way1shot_imaml_gd.ckpt \\
       --learner lightning_imaml.IMAML --network lightning_imaml.OmniglotConv4 --network-args '{"n_way": 5}'
 """
 

@@ -213,8 +213,8 @@ def test_accuracy_quick(tmp_path):
     d2 = _run("accuracy.py", out, "--threads", "1", "--device", "cpu", timeout=120)
     assert d2["methods"]["imaml"]["test_acc"] == d["methods"]["imaml"]["test_acc"]
     assert "exists, skipping" in out.with_suffix(".log").read_text()
-    # eval_protocols.py on a saved theta: its gd_armijo lam 0 protocol is iMAML's validation protocol, so on the
-    # same fixed validation tasks it reproduces the benchmark's last validation accuracy
+    # eval_protocols.py on a saved theta: its gd_armijo lam 0 protocol is iMAML's validation protocol, so on
+    # the same fixed validation tasks it reproduces the benchmark's last validation accuracy
     ckpt = tmp_path / "accuracy_ckpt" / "imaml" / "last.ckpt"
     proto_out = tmp_path / "protocols.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

@@ -12,6 +12,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -344,7 +345,12 @@ def test_unknown_config_key_is_a_clear_error(in_tmp, capsys):
 def _user_error(*args: str, timeout: int = 300) -> str:
     """Run train.py in a subprocess; assert exit status 2, no traceback, at most 6 lines of output
     (Lightning's own 'GPU available' banner included) ending in one 'error: ...' line; return that line."""
-    res = _run_subprocess(*args, "--trainer.logger", "false", timeout=timeout)
+    with (
+        tempfile.TemporaryDirectory() as root
+    ):  # what the run writes (its config.yaml) stays out of the checkout
+        res = _run_subprocess(
+            *args, "--trainer.logger", "false", "--trainer.default_root_dir", root, timeout=timeout
+        )
     out = (res.stdout + res.stderr).strip().splitlines()
     lines = [ln for ln in out if "warn" not in ln.lower()]
     assert res.returncode == 2, (res.returncode, out[-20:])

@@ -1,4 +1,4 @@
-"""The trained models shipped in ``checkpoints/`` (listed in ``checkpoints/checkpoints.json``): each
+"""The trained models shipped in ``pretrained/`` (listed in ``pretrained/checkpoints.json``): each
 loads with its learner's ``load_from_checkpoint`` alone, adapts with ``adapt_task`` as the README shows,
 and on fixed Omniglot meta-test tasks reaches the accuracy its manifest entry states, far above the same
 network untrained. This is what catches a broken file, a renamed parameter or a loader change."""
@@ -14,15 +14,15 @@ from torch.func import functional_call
 import lightning_imaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = ROOT / "checkpoints" / "checkpoints.json"
+MANIFEST = ROOT / "pretrained" / "checkpoints.json"
 ENTRIES = json.loads(MANIFEST.read_text())["checkpoints"] if MANIFEST.exists() else []
 
 
 def test_manifest_lists_every_shipped_file_and_each_is_small():
-    files = sorted(p.name for p in (ROOT / "checkpoints").glob("*.ckpt"))
+    files = sorted(p.name for p in (ROOT / "pretrained").glob("*.ckpt"))
     assert files == sorted(e["file"] for e in ENTRIES)
     for e in ENTRIES:
-        assert (ROOT / "checkpoints" / e["file"]).stat().st_size < 2 * 2**20
+        assert (ROOT / "pretrained" / e["file"]).stat().st_size < 2 * 2**20
         keys = ("learner", "config", "test_acc", "test_acc_ci95", "command", "check_tasks", "check_min_acc")
         for key in keys:
             assert key in e, f"{e['file']}: manifest entry lacks {key!r}"
@@ -55,10 +55,10 @@ def accuracy(learner, theta, tasks):
 def test_shipped_checkpoint_adapts_well_above_the_untrained_network(entry):
     torch.manual_seed(0)
     cls = getattr(lightning_imaml, entry["learner"])
-    learner = cls.load_from_checkpoint(ROOT / "checkpoints" / entry["file"], map_location="cpu")
+    learner = cls.load_from_checkpoint(ROOT / "pretrained" / entry["file"], map_location="cpu")
     tasks = meta_test_tasks(entry, entry["check_tasks"])
     acc = accuracy(learner, learner.meta_parameters(), tasks)
-    hparams = torch.load(ROOT / "checkpoints" / entry["file"], weights_only=True)["hyper_parameters"]
+    hparams = torch.load(ROOT / "pretrained" / entry["file"], weights_only=True)["hyper_parameters"]
     config = hparams["model"]  # the network as a LightningCLI class_path config
     module, name = config["class_path"].rsplit(".", 1)
     untrained = getattr(importlib.import_module(module), name)(**config.get("init_args", {}))

@@ -67,10 +67,15 @@ def python_examples():
 def test_python_examples_run(code, tmp_path):
     script = tmp_path / "example.py"
     script.write_text(_shrunk(code))
+    # run where a user's project would (what the Trainer writes lands in tmp_path, not in the checkout), with
+    # the shipped models where the README's relative paths find them
+    (tmp_path / "pretrained").symlink_to(ROOT / "pretrained")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "IMAML_OMNIGLOT_ROOT": str(OMNIGLOT.resolve())}
+    before = set(os.listdir(ROOT))
     r = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
+    assert set(os.listdir(ROOT)) <= before, "the example wrote into the checkout"
     assert r.returncode == 0, r.stderr[-3000:]
 
 
