@@ -66,3 +66,40 @@ def test_shipped_checkpoint_adapts_well_above_the_untrained_network(entry):
     print(f"{entry['file']}: {acc:.4f} on {entry['check_tasks']} test tasks; untrained {base:.4f}")
     assert acc >= entry["check_min_acc"]
     assert acc >= base + 0.2
+
+
+def test_ship_checkpoint_makes_an_export_loadable_alone(tmp_path):
+    """An export as benchmarks/accuracy.py --methods writes it (the learner built around a network object,
+    so the file lacks the network): load_from_checkpoint alone cannot rebuild it; after
+    scripts/ship_checkpoint.py it does, with the same weights and solvers."""
+    import subprocess
+    import sys
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_imaml import IMAML, OmniglotConv4
+
+    torch.manual_seed(0)
+    learner = IMAML(OmniglotConv4(n_way=5, hidden=8), inner_steps=2, eval_inner_steps=3)
+    x = torch.randn(2, 5, 1, 14, 14)
+    y = torch.arange(5).expand(2, -1).contiguous()
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(learner, train_dataloaders=DataLoader([(x, y, x, y)], batch_size=None))
+    export = tmp_path / "imaml.ckpt"
+    trainer.save_checkpoint(export, weights_only=True)
+    with pytest.raises(TypeError, match="model"):
+        IMAML.load_from_checkpoint(export)
+    shipped = tmp_path / "shipped.ckpt"
+    args = ["--learner", "lightning_imaml.IMAML", "--network", "lightning_imaml.OmniglotConv4",
+            "--network-args", '{"n_way": 5, "hidden": 8}']  # fmt: skip
+    script = str(ROOT / "scripts" / "ship_checkpoint.py")
+    r = subprocess.run([sys.executable, script, str(export), str(shipped), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    loaded = IMAML.load_from_checkpoint(shipped)
+    assert loaded.eval_solver == learner.eval_solver and loaded.inner_solver == learner.inner_solver
+    for (k, a), (k2, b) in zip(learner.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    assert "optimizer_states" not in torch.load(shipped, weights_only=True)
