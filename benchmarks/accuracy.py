@@ -428,6 +428,7 @@ def run_method(method: str, a, out_path: Path) -> dict:
             step = int(trainer.global_step)
             if step % every == 0 or step == 1:
                 row = {"step": step, "train_s": self.train_s, "wall_s": self.wall()}
+                row["outer_lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])  # the step's own rate
                 for name, vals in self._window.items():
                     row[name] = sum(vals) / len(vals) if vals else None
                 self._window = {}
@@ -707,6 +708,13 @@ def main(argv=None):
             m: {
                 k: r[k]
                 for k in (
+                    "steps",
+                    "seed",
+                    "config",
+                    "tested",
+                    "exported",
+                    "train_minutes_budget",
+                    "lr_schedule",
                     "test_acc",
                     "test_acc_ci95",
                     "test_loss",

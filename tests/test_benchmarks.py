@@ -251,3 +251,36 @@ def test_results_record_their_commit_and_committed_ones_are_not_overwritten_from
     assert (
         json.loads(common.write_json(tmp_path / "clean.json", {"x": 1}).read_text())["git"]["dirty"] is False
     )
+
+
+@needs_omniglot
+def test_accuracy_configs_budget_schedule_best_weights_and_export(tmp_path):
+    """The long-run options (issue 22): a config run named after its file; the outer learning rate follows the
+    cosine over the training-time budget (checked against the formula at the recorded seconds); the best
+    validation weights are tested; the export loads with load_from_checkpoint alone. A tiny budget stops
+    training at the first step past it."""
+    import math
+
+    import torch
+
+    from lightning_imaml import MAML
+
+    out = tmp_path / "long.json"
+    export = tmp_path / "export"
+    d = _run("accuracy.py", out, "--threads", "1", "--device", "cpu", "--configs",
+             "configs/omniglot_5way1shot_maml.yaml", "--train-minutes", "0.5", "--lr-schedule", "cosine-time",
+             "--lr-floor", "0.05", "--test-weights", "best", "--export", str(export))  # fmt: skip
+    r = d["methods"]["omniglot_5way1shot_maml"]
+    assert d["config"]["test_weights"] == "best validation accuracy"
+    assert r["tested"]["weights"] == "best validation accuracy" and r["steps"] == 2
+    rows = {row["step"]: row for row in r["train_curve"]}
+    assert rows[1]["outer_lr"] == pytest.approx(1e-3, rel=1e-12)
+    f = rows[1]["train_s"] / 30.0
+    expected = 1e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * f)))
+    assert rows[2]["outer_lr"] == pytest.approx(expected, rel=1e-9) and rows[2]["outer_lr"] < 1e-3
+    learner = MAML.load_from_checkpoint(export / "omniglot_5way1shot_maml.ckpt", map_location="cpu")
+    assert type(learner.model).__name__ == "OmniglotConv4"
+    assert torch.load(export / "omniglot_5way1shot_maml.ckpt", weights_only=True)["global_step"] == 2
+    d2 = _run("accuracy.py", tmp_path / "short.json", "--threads", "1", "--device", "cpu", "--configs",
+              "configs/omniglot_5way1shot_maml.yaml", "--train-minutes", "0.00001")  # fmt: skip
+    assert d2["methods"]["omniglot_5way1shot_maml"]["steps"] == 1
