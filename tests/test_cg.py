@@ -355,3 +355,68 @@ def test_cg_dataclass_is_batched_cg_with_its_options_bound():
             CG(steps=steps)
     with pytest.raises(ValueError, match="rtol"):
         CG(rtol=-1.0)
+
+
+# ------------------------------------------------------------------------------------- defaults and messages
+
+
+def test_default_rtol_solves_to_near_machine_precision():
+    """The default rtol (1e-10) is a real tolerance: a well-conditioned 8 x 8 system given 50 steps ends at
+    the dense solution to 1e-9 and reports convergence (a default near 1 would stop before the first step)."""
+    gen = torch.Generator().manual_seed(0)
+    A = random_spd(8, 10.0, gen)
+    b = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    x, info = batched_conjugate_gradient(lambda v: v @ A, b, 50)
+    assert rel(x, torch.linalg.solve(A, b.T).T) < 1e-9
+    assert bool(info.converged.all()) and bool((info.steps >= 8).all())
+    y, single = conjugate_gradient(lambda v: A @ v, b[0], 50)
+    assert rel(y, torch.linalg.solve(A, b[0])) < 1e-9 and bool(single.converged)
+
+
+def test_rtol_is_relative_to_the_norm_of_b():
+    """Scaling b by 1e4 must not change how many steps a relative tolerance takes (A = diag(1..8), rtol 1e-2):
+    the count equals that of an independent CG loop stopping at ||r|| <= rtol ||b||."""
+    A = torch.diag(torch.arange(1.0, 9.0, dtype=torch.float64))
+    b0 = torch.ones(8, dtype=torch.float64)
+
+    def reference_steps(b, rtol):
+        x, r = torch.zeros_like(b), b.clone()
+        p, k = r.clone(), 0
+        while r.norm() > rtol * b.norm():
+            Ap = A @ p
+            alpha = (r @ r) / (p @ Ap)
+            x, r_new = x + alpha * p, r - alpha * Ap
+            p, r, k = r_new + (r_new @ r_new) / (r @ r) * p, r_new, k + 1
+        return k
+
+    expected = reference_steps(b0, 1e-2)
+    assert 1 < expected < 8  # stops early, so the tolerance decides the count
+    for scale in (1e-4, 1.0, 1e4):
+        _, info = batched_conjugate_gradient(lambda v: v @ A, scale * b0[None], 20, rtol=1e-2)
+        assert info.steps.item() == expected, scale
+        assert bool(info.converged.all())
+
+
+def test_a_given_curvature_threshold_is_used():
+    """curvature_eps replaces the dtype default: on diag(1, 2) (p^T A p >= ||p||^2) a threshold of 5 flags
+    every first direction as non-positive curvature, the default flags none; in both solvers."""
+    A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    b = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    _, info = batched_conjugate_gradient(lambda v: v @ A, b, 5)
+    assert not bool(info.negative_curvature.any())
+    _, info = batched_conjugate_gradient(lambda v: v @ A, b, 5, curvature_eps=5.0)
+    assert bool(info.negative_curvature.all())
+    _, single = conjugate_gradient(lambda v: A @ v, b[0], 5, curvature_eps=5.0)
+    assert bool(single.negative_curvature)
+
+
+def test_messages_name_the_bad_argument():
+    b = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"b has shape \(2, 3\), x0 has \(2, 4\)"):
+        batched_conjugate_gradient(lambda v: v, b, 3, x0=torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"b has shape \(3,\), x0 has \(4,\)"):
+        conjugate_gradient(lambda v: v, b[0], 3, x0=torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"max_steps must be an integer >= 1, got max_steps=0"):
+        batched_conjugate_gradient(lambda v: v, b, 0)
+    with pytest.raises(ValueError, match=r"steps must be an integer >= 1, got steps=0"):
+        CG(steps=0)
