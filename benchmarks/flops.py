@@ -42,6 +42,10 @@ METHODS = {
     "maml16": dict(cls="MAML", inner_steps=16, inner_lr=0.1),
     "imaml_hf": dict(cls="IMAML", lam=2.0, inner_optimizer="hf", inner_steps=5, hf_cg_steps=5, inner_lr=1.0),
 }
+# HF as it was before the iMAML-HF study: undamped Newton-CG
+METHODS["imaml_hf_newton"] = dict(
+    METHODS["imaml_hf"], inner_optimizer_kwargs={"damping": 0.0, "adapt_damping": False}
+)
 
 
 def parse_args(argv=None):

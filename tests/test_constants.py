@@ -203,7 +203,7 @@ def test_hessian_free_solves_its_newton_system_to_cg_rtol_1e_12():
     b = torch.randn(n, generator=gen, dtype=F64)
     lam = 1e-3
     theta = {"w": torch.zeros(n, dtype=F64)}
-    phi, info = HessianFree(steps=1, cg_steps=400)(
+    phi, info = HessianFree(steps=1, cg_steps=400, damping=0.0, adapt_damping=False)(
         lambda p: 0.5 * p["w"] @ A @ p["w"] - b @ p["w"], theta, lam
     )
     assert info.accepted.item() == 1
