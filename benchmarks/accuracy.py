@@ -101,11 +101,11 @@ SETTINGS = {
 }
 # iMAML-GD with one learned lam per parameter tensor, from 2.0 (issue 13)
 SETTINGS["imaml_lam"] = dict(SETTINGS["imaml"], learn_lam="layer")
-# the iMAML-HF study (issue 23): one change each against the undamped Newton-CG that HessianFree was before the
-# study (its "imaml_hf" runs in benchmarks/results/hf_study_imaml_hf.json; now "imaml_hf_newton"); the winner,
-# Levenberg-Marquardt damping ("imaml_hf_lm"), is HessianFree's default since, so "imaml_hf" equals it now.
-# --hf-eval gd validates them like iMAML-GD (16 gd_armijo steps at lam 0), --hf-eval hf (default) with HF's own
-# protocol (HF at lam 2)
+# the iMAML-HF study (issue 23): one change each against the undamped Newton-CG that HessianFree was before
+# the study (its "imaml_hf" runs in benchmarks/results/hf_study_imaml_hf.json; now "imaml_hf_newton"); the
+# winner, Levenberg-Marquardt damping ("imaml_hf_lm"), is now HessianFree's default ("imaml_hf").
+# --hf-eval gd validates them like iMAML-GD (16 gd_armijo steps at lam 0), --hf-eval hf (default) with HF's
+# own protocol (HF at lam 2)
 _HF_EVAL_GD = dict(eval_inner_optimizer="gd_armijo", eval_inner_steps=16, eval_inner_lr=0.1, eval_lam=0.0)
 _UNDAMPED = {"damping": 0.0, "adapt_damping": False}
 HF_STUDY = {
