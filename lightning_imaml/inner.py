@@ -524,7 +524,27 @@ def _two_loop(g: Tensor, S: list[Tensor], Y: list[Tensor], rho: list[Tensor]) ->
 
 
 @dataclass(frozen=True)
-class LBFGS(InnerSolver):
+class _Backtracking(InnerSolver):
+    """The Armijo backtracking options that LBFGS and HessianFree share: a trial step t along d is accepted
+    where G(phi + t d) <= G(phi) + c1 t g'd (and finite); else t shrinks by ``backtrack``."""
+
+    c1: float = 1e-4
+    backtrack: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (0 < self.c1 < 1 and 0 < self.backtrack < 1):
+            raise ValueError(
+                f"c1 and backtrack must be in (0, 1), got c1={self.c1!r}, backtrack={self.backtrack!r}"
+            )
+
+    def _accepts(self, new: Tensor, old: Tensor, t: Tensor | float, slope: Tensor) -> Tensor:
+        """Per task: G(trial) ``new`` meets Armijo's condition against ``old`` at step t, slope g'd."""
+        return torch.isfinite(new) & _sufficient_decrease(new, old, self.c1 * t * slope)
+
+
+@dataclass(frozen=True)
+class LBFGS(_Backtracking):
     """L-BFGS on G: ``steps`` trial steps per task.
 
     Direction d = -H g by the two-loop recursion over the last ``history_size`` pairs (s, y) (initial
@@ -540,8 +560,6 @@ class LBFGS(InnerSolver):
     steps: int = 8
     lr: float = 1.0
     history_size: int = 10
-    c1: float = 1e-4
-    backtrack: float = 0.5
     tolerance_grad: float = 1e-10
 
     def __post_init__(self):
@@ -566,7 +584,7 @@ class LBFGS(InnerSolver):
             gtd = torch.where(descent, gtd, -rowdot(run.g, run.g))
             trial = torch.addcmul(run.phi, t[:, None], d)
             new, g_new = problem.value_and_grad(trial)
-            ok = moving & torch.isfinite(new) & _sufficient_decrease(new, run.val, self.c1 * t * gtd)
+            ok = moving & self._accepts(new, run.val, t, gtd)
             s, y = trial - run.phi, g_new - run.g
             sy = rowdot(s, y)
             keep = ok & (sy > 1e-10)
@@ -582,7 +600,7 @@ class LBFGS(InnerSolver):
 
 
 @dataclass(frozen=True)
-class HessianFree(InnerSolver):
+class HessianFree(_Backtracking):
     """iMAML-HF: ``steps`` Newton-CG iterations on G.
 
     Each iteration: g = grad G(phi); d ~= -(B + Lam + mu I)^{-1} g by ``cg_steps`` steps of truncated CG, B
@@ -603,8 +621,6 @@ class HessianFree(InnerSolver):
     steps: int = 5
     lr: float = 1.0
     cg_steps: int = 5
-    c1: float = 1e-4
-    backtrack: float = 0.5
     max_backtracks: int = 10
     curvature: str = "hessian"
     damping: float = 1.0
@@ -689,7 +705,7 @@ class HessianFree(InnerSolver):
             cand = torch.add(gather(tr, phi), gather(tr, d), alpha=t)
             f = tsub.objective(cand)
             old = gather(tr, val)
-            ok = torch.isfinite(f) & _sufficient_decrease(f, old, self.c1 * t * gather(tr, slope))
+            ok = self._accepts(f, old, t, gather(tr, slope))
             ok = ok if tmask is None else ok & tmask
             phi = put(tr, phi, select_rows(ok, cand, gather(tr, phi)))
             now = put(tr, torch.zeros_like(moved), ok)

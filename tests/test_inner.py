@@ -624,6 +624,12 @@ def test_bad_inputs():
         proximal_adapt(support, theta, -1.0, 3)
     with pytest.raises(ValueError, match=r"steps"):
         proximal_adapt(support, theta, 1.0, -1)
+    for cls in (LBFGS, HessianFree):  # Armijo's line search: both in (0, 1), named with the bad value
+        for bad in ({"c1": 0.0}, {"c1": 1.0}, {"backtrack": 0.0}, {"backtrack": 1.0}, {"c1": float("nan")}):
+            ((key, value),) = bad.items()
+            with pytest.raises(ValueError, match=rf"{key}={value!r}"):
+                cls(**bad)
+        cls(c1=0.999, backtrack=1e-3)  # just inside
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match=r"cg_steps"):
             HessianFree(cg_steps=bad)
