@@ -60,6 +60,11 @@ def flat(d):
     return ParamSpec.of(d).flatten(d)
 
 
+def newton_cg(**options):
+    """HessianFree without damping (plain Newton-CG): the solver the Newton-step references below describe."""
+    return HessianFree(damping=0.0, adapt_damping=False, **options)
+
+
 def logistic_task(seed=0, d=5, n=20, m=20):
     g = torch.Generator().manual_seed(seed)
     Xs, Xq = (torch.randn(k, d, generator=g, dtype=F64) for k in (n, m))
@@ -720,10 +725,10 @@ def test_hessian_free_stops_once_the_gradient_is_below_atol():
     """||grad G|| after 1, 2, 3 Newton-CG steps here: 7.0e-2, 2.8e-3, 1.3e-5; with atol = 1e-3 (the old
     gtol) the solve must stop after the third step."""
     theta, support, _ = logistic_task(seed=5, d=12, n=16)
-    phis = [HessianFree(damping=0.0, adapt_damping=False, steps=k)(support, theta, 0.1)[0] for k in (1, 2, 3)]
+    phis = [newton_cg(steps=k)(support, theta, 0.1)[0] for k in (1, 2, 3)]
     norms = [grad_G(support, p, theta, 0.1).norm().item() for p in phis]
     assert norms[0] > norms[1] > 1e-3 > norms[2]
-    phi, info = HessianFree(damping=0.0, adapt_damping=False, steps=6, atol=1e-3)(support, theta, 0.1)
+    phi, info = newton_cg(steps=6, atol=1e-3)(support, theta, 0.1)
     assert info.accepted.item() == 3 and info.iterations.item() == 3
     assert torch.equal(flat(phi), flat(phis[2]))
 
@@ -739,13 +744,13 @@ def test_hessian_free_backtracks_at_most_max_backtracks_times():
         return torch.log(torch.cosh(p["w"])).sum()
 
     f, calls = counted(support)
-    phi, info = HessianFree(damping=0.0, adapt_damping=False, steps=3)(f, theta, 0.0)
+    phi, info = newton_cg(steps=3)(f, theta, 0.0)
     assert info.accepted.item() == 0 and torch.equal(phi["w"], theta["w"])
     assert info.iterations.item() == 1  # the task is done after the failed search
     # the gradient (and H) at theta, 10 trials; then stop, the report is the gradient at theta
     assert len(calls) == 1 + 10
     f, calls = counted(support)
-    phi, info = HessianFree(damping=0.0, adapt_damping=False, steps=1, max_backtracks=11)(f, theta, 0.0)
+    phi, info = newton_cg(steps=1, max_backtracks=11)(f, theta, 0.0)
     assert info.accepted.item() == 1 and len(calls) == 1 + 11 + 1  # ... + the report's gradient
     expected = 5.0 - math.sinh(5.0) * math.cosh(5.0) / 1024
     err = abs(phi["w"].item() - expected) / abs(expected)
@@ -763,7 +768,7 @@ def test_hessian_free_at_a_stationary_theta_takes_no_step():
         return ((p["w"] - target) ** 2).sum()  # gradient exactly 0 at theta
 
     f, calls = counted(support)
-    phi, info = HessianFree(damping=0.0, adapt_damping=False, steps=3)(f, theta, 0.5)
+    phi, info = newton_cg(steps=3)(f, theta, 0.5)
     assert info.accepted.item() == 0 and info.residual0.item() == 0 and torch.equal(phi["w"], target)
     assert info.iterations.item() == 0
     assert len(calls) == 1  # the gradient at theta, which is also the report's
@@ -805,9 +810,7 @@ def test_hessian_free_falls_back_to_steepest_descent_without_a_descent_direction
     v = {"w": torch.tensor([0.3, -0.7], dtype=F64)}
     hv = hessian_vector_product(lambda p: _SquareWithSkewHessian.apply(p["w"], C), theta, v)
     torch.testing.assert_close(hv["w"], C @ v["w"], rtol=1e-15, atol=0)
-    phi, info = HessianFree(damping=0.0, adapt_damping=False, steps=1)(
-        lambda p: _SquareWithSkewHessian.apply(p["w"], C), theta, 0.0
-    )
+    phi, info = newton_cg(steps=1)(lambda p: _SquareWithSkewHessian.apply(p["w"], C), theta, 0.0)
     assert info.accepted.item() == 1 and torch.equal(phi["w"], torch.zeros(2, dtype=F64))
 
 
@@ -820,7 +823,7 @@ def test_hessian_free_with_one_cg_step_takes_the_cauchy_step():
     theta = {"w": torch.randn(6, generator=gen, dtype=F64)}
     lam = 0.5
     f, calls = counted(lambda p: 0.5 * p["w"] @ A @ p["w"] - b @ p["w"])
-    phi, info = HessianFree(damping=0.0, adapt_damping=False, steps=1, cg_steps=1)(f, theta, lam)
+    phi, info = newton_cg(steps=1, cg_steps=1)(f, theta, lam)
     # the gradient (and H) at theta, one trial (the search stops at the first accepted step), the report
     assert len(calls) == 3 and info.accepted.item() == 1
     g = A @ theta["w"] - b
@@ -838,9 +841,7 @@ def test_hessian_free_newton_step_is_the_dense_newton_step():
     b = torch.randn(n, generator=gen, dtype=F64)
     theta = {"w": torch.randn(n, generator=gen, dtype=F64)}
     lam = 1e-2
-    phi, info = HessianFree(damping=0.0, adapt_damping=False, steps=1, cg_steps=200)(
-        lambda p: 0.5 * p["w"] @ A @ p["w"] - b @ p["w"], theta, lam
-    )
+    phi, info = newton_cg(steps=1, cg_steps=200)(lambda p: 0.5 * p["w"] @ A @ p["w"] - b @ p["w"], theta, lam)
     g = A @ theta["w"] - b
     newton = theta["w"] - torch.linalg.solve(A + lam * torch.eye(n, dtype=F64), g)
     err = rel(phi["w"], newton)

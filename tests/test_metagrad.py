@@ -265,12 +265,10 @@ def test_hessian_free_inner_solver_takes_5_cg_steps_per_direction_unless_told(fn
     v, lam = flat(theta), 0.5
     call = imaml_meta_gradient if fn == "imaml" else fomaml_meta_gradient
     for cg_steps in (None, 2):
-        undamped = dict(damping=0.0, adapt_damping=False)  # the Newton direction itself, as the reference
-        solver = (
-            HessianFree(steps=1, **undamped)
-            if cg_steps is None
-            else HessianFree(steps=1, cg_steps=cg_steps, **undamped)
-        )
+        told = {} if cg_steps is None else {"cg_steps": cg_steps}
+        solver = HessianFree(
+            steps=1, damping=0.0, adapt_damping=False, **told
+        )  # the undamped Newton direction
         res = call(model, theta, tasks, loss_fn=mse_loss, lam=lam, solver=solver)
         # one Newton-CG step is short of the optimum with 5 or 2 CG steps (7 parameters), and each count lands
         # somewhere else: the support loss at phi tells which count ran
