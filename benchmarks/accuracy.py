@@ -740,12 +740,37 @@ def main(argv=None):
         },
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
+    _config_data_facts(result)
     common.write_json(out, result)
     plot(result, common.png_path(out))
     log.info("wrote %s", out)
     for m, r in result["methods"].items():
         log.info("  %-7s test acc %s +- %s", m, r["test_acc"], r["test_acc_ci95"])
     return result
+
+
+def _config_data_facts(result) -> None:
+    """Runs from --configs: result["config"] gets the task shape and split of the configs, not the flags."""
+    data = [r["settings"]["data"] for r in result["methods"].values() if "data" in r.get("settings", {})]
+    if not data:
+        return
+    cfg = result["config"]
+    for key in ("n_way", "k_shot", "k_query", "meta_batch_size"):
+        values = {d.get(key) for d in data}
+        if len(values) == 1 and None not in values:
+            cfg[key] = values.pop()
+    splits = {(d.get("split", "paper"), d.get("rotations", True)) for d in data}
+    if len(splits) == 1:
+        split, rotations = splits.pop()
+        cfg["dataset"] = f"Omniglot ({split} split{', rotations' if rotations else ''})"
+
+
+def _method_kind(name: str) -> str:
+    """The method a run stands for, from a --methods name or a config stem (omniglot_5way1shot_imaml_gd)."""
+    for kind in ("imaml_hf", "imaml_lam", "fomaml", "imaml", "maml"):
+        if name == kind or f"_{kind}" in f"_{name}":
+            return kind
+    return name
 
 
 def plot(result, path):
@@ -767,22 +792,31 @@ def plot(result, path):
         "fomaml": "FOMAML",
         "imaml_lam": "iMAML-GD, learned lam",
     }
+    last_steps = []
     for m, r in result["methods"].items():
         rows = [v for v in r["val_curve"] if v["val_acc"] is not None]
-        lab = names.get(m, m)
+        kind = _method_kind(m)
+        lab = names.get(m, m) if m in names else f"{names.get(kind, kind)} ({m})"
+        color = colors.get(m, colors.get(kind))
+        last_steps.append(max(v["step"] for v in rows))
         if r["test_acc"] is not None:
             lab += f"  (test {100 * r['test_acc']:.2f} +- {100 * (r['test_acc_ci95'] or 0):.2f} %)"
         acc = [100 * v["val_acc"] for v in rows]
-        axes[0].plot([v["step"] for v in rows], acc, marker=".", color=colors.get(m), label=lab)
+        axes[0].plot([max(v["step"], 1) for v in rows], acc, marker=".", color=color, label=lab)
         secs = [v.get("train_s", v.get("wall_s")) for v in rows]
-        axes[1].plot(secs, acc, marker=".", color=colors.get(m), label=lab)
+        axes[1].plot(secs, acc, marker=".", color=color, label=lab)
+    if last_steps and max(last_steps) > 5 * max(1, min(last_steps)):
+        # equal-time runs: MAML takes ~10x more steps than iMAML, so a linear axis squeezes iMAML's curve
+        axes[0].set_xscale("log")
     dev = mach["gpu_name"] or f"CPU, {cfg['threads']} thread(s)"
+    budgets = [r.get("train_minutes_budget") or 0 for r in result["methods"].values()]
+    length = f"{max(budgets):g} min of training each" if any(budgets) else f"{cfg['steps']} meta-steps"
     axes[0].set_xlabel("meta-step")
     axes[1].set_xlabel("seconds of training (validation excluded)")
     axes[0].set_ylabel(f"validation accuracy (%) on {cfg['eval_tasks']} tasks")
     fig.suptitle(
         f"Omniglot {cfg['n_way']}-way {cfg['k_shot']}-shot, meta-batch {cfg['meta_batch_size']}, "
-        f"{cfg['steps']} meta-steps ({dev})",
+        f"{length} ({dev})",
         fontsize=9,
     )
     for ax in axes:

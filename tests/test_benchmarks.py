@@ -284,3 +284,37 @@ def test_accuracy_configs_budget_schedule_best_weights_and_export(tmp_path):
     d2 = _run("accuracy.py", tmp_path / "short.json", "--threads", "1", "--device", "cpu", "--configs",
               "configs/omniglot_5way1shot_maml.yaml", "--train-minutes", "0.00001")  # fmt: skip
     assert d2["methods"]["omniglot_5way1shot_maml"]["steps"] == 1
+
+
+def test_accuracy_results_of_config_runs_name_the_configs_task_shape_and_method():
+    """A --configs run records the n_way, split and meta-batch of its configs, not the flags' 5-way defaults
+    (the 20-way alphabet run was once titled "5-way"), and its plot colours and names the method from the
+    config stem."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(BENCH))
+    data = dict(split="alphabets", rotations=True, n_way=20, k_shot=1, k_query=1, meta_batch_size=16)
+    result = {
+        "config": dict(dataset="Omniglot (paper split, rotations)", n_way=5, k_shot=5, meta_batch_size=32),
+        "methods": {"omniglot_20way1shot_imaml_gd_alphabets": {"settings": {"cls": "IMAML", "data": data}}},
+    }
+    accuracy._config_data_facts(result)
+    assert result["config"]["n_way"] == 20 and result["config"]["k_shot"] == 1
+    assert result["config"]["meta_batch_size"] == 16
+    assert result["config"]["dataset"] == "Omniglot (alphabets split, rotations)"
+    kinds = {
+        "omniglot_5way1shot_imaml_gd": "imaml",
+        "omniglot_5way1shot_maml": "maml",
+        "omniglot_5way1shot_fomaml": "fomaml",
+        "omniglot_20way1shot_imaml_hf": "imaml_hf",
+        "imaml_hf_gn": "imaml_hf",
+        "maml": "maml",
+    }
+    assert {name: accuracy._method_kind(name) for name in kinds} == kinds
+    two = {"split": "paper", "rotations": True, "n_way": 5}
+    runs = {m: {"settings": {"data": d}} for m, d in (("a", two), ("b", data))}
+    mixed = {"config": {"n_way": 1}, "methods": runs}
+    accuracy._config_data_facts(mixed)
+    assert mixed["config"] == {"n_way": 1}, "configs that disagree leave the flags' values"
