@@ -51,6 +51,7 @@ __all__ = [
     "SGD",
     "TorchOptimizer",
     "make_solver",
+    "newton_direction",
     "proximal_adapt",
     "proximal_objective",
 ]
@@ -609,12 +610,13 @@ class HessianFree(_Backtracking):
     optimisation uses), matrix-free (the graph is built once per iteration, each product is one or two more
     backwards), mu = ``damping`` (adapted per task by Levenberg-Marquardt's rule with ``adapt_damping``: x 3/2
     where the step achieved less than 1/4 of the decrease the damped quadratic model predicted, x 2/3 above
-    3/4; one more product per iteration); then backtracking phi <- phi + t d over t = lr, lr*backtrack, ...
-    (``max_backtracks`` trials, values only) to the first t with G(phi + t d) <= G(phi) + c1 t g^T d. Where
-    the matrix is not positive definite truncated CG stops at its last descent iterate, or -g on the first
-    step, so d is always a descent direction. A task stops when no trial step decreases G (or its tolerance is
-    met). ``accepted`` counts Newton steps taken; one more gradient for the report. Defaults: mu = 1, adapted
-    (the iMAML-HF study's winner, README); ``damping=0, adapt_damping=False`` is plain Newton-CG.
+    3/4; the model's curvature along d comes from CG, see :func:`newton_direction`); then backtracking
+    phi <- phi + t d over t = lr, lr*backtrack, ... (``max_backtracks`` trials, values only) to the first t
+    with G(phi + t d) <= G(phi) + c1 t g^T d. Where the matrix is not positive definite truncated CG stops at
+    its last descent iterate, or -g on the first step, so d is always a descent direction. A task stops when
+    no trial step decreases G (or its tolerance is met). ``accepted`` counts Newton steps taken; one more
+    gradient for the report. Defaults: mu = 1, adapted (the iMAML-HF study's winner, README);
+    ``damping=0, adapt_damping=False`` is plain Newton-CG.
     """
 
     name: ClassVar[str] = "hf"
@@ -688,12 +690,8 @@ class HessianFree(_Backtracking):
             bv = sub.add_prox_grad(bv, v) if sub.has_prox else bv
             return torch.addcmul(bv, mu[:, None], v) if self.damping else bv
 
-        d, _ = batched_conjugate_gradient(matvec, -g, self.cg_steps, rtol=1e-12)
-        slope = rowdot(g, d)
-        descent = torch.isfinite(slope) & (slope < 0)  # numerical safety: else steepest descent
-        d = select_rows(descent, d, -g)
-        slope = torch.where(descent, slope, -rowdot(g, g))
-        curvature_d = rowdot(d, matvec(d)) if self.adapt_damping else None  # d^T (B + Lam + mu I) d
+        d, slope, curvature_d = newton_direction(matvec, g, self.cg_steps)
+        curvature_d = curvature_d if self.adapt_damping else None
         moved = torch.zeros_like(active)
         step, actual = torch.zeros_like(val), torch.zeros_like(val)  # per task: the step taken, G's change
         for j in range(self.max_backtracks):
@@ -721,6 +719,32 @@ class HessianFree(_Backtracking):
             shrink_or_grow = torch.where(rho < 0.25, mu * 1.5, torch.where(rho > 0.75, mu / 1.5, mu))
             mu = torch.where(active, shrink_or_grow, mu)
         return moved, mu
+
+
+def newton_direction(
+    matvec: Callable[[Tensor], Tensor], g: Tensor, cg_steps: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """d ~= -A^{-1} g by ``cg_steps`` of truncated CG from 0 (``[T, P]``), its slope g^T d and its curvature
+    d^T A d (``[T]`` each), with no product beyond CG's own: CG's iterate from 0 lies in the Krylov space its
+    residual r is orthogonal to, so d^T A d = d^T (-g - r) = -g^T d. Where CG stopped before its first step
+    (negative curvature) or d is not a descent direction (non-finite values), d = -g, whose curvature CG's
+    first product A(-g) gave."""
+    first = []
+
+    def recording(v: Tensor) -> Tensor:
+        av = matvec(v)
+        if not first:  # CG's first product is on its first direction, b = -g
+            first.append(rowdot(v, av))
+        return av
+
+    d, info = batched_conjugate_gradient(recording, -g, cg_steps, rtol=1e-12)
+    slope = rowdot(g, d)
+    # rows CG truncated before its first step already hold -g; otherwise only non-finite values fail the test
+    descent = torch.isfinite(slope) & (slope < 0) & ~(info.negative_curvature & (info.steps == 0))
+    d = select_rows(descent, d, -g)
+    curvature = torch.where(descent, -slope, first[0] if first else torch.zeros_like(slope))
+    slope = torch.where(descent, slope, -rowdot(g, g))
+    return d, slope, curvature
 
 
 def make_solver(name: str | InnerSolver, **options: Any) -> InnerSolver:

@@ -13,7 +13,7 @@ from torch.autograd.functional import hessian, jacobian
 
 from lightning_imaml.functional import TaskLoss
 from lightning_imaml.implicit import RetainedGGN, RetainedHVP
-from lightning_imaml.inner import HessianFree, ProximalProblem
+from lightning_imaml.inner import HessianFree, ProximalProblem, newton_direction
 from lightning_imaml.params import ParamSpec
 
 F64 = torch.float64
@@ -180,3 +180,42 @@ def test_levenberg_marquardt_damping_follows_its_documented_rule(lam, mu0, first
     assert info.accepted.item() == steps
     assert rel(phi["w"], ref) < 1e-9
     assert rel(phi["w"], fixed) > 1e-4
+
+
+def krylov_minimiser(A, b, k):
+    """The minimiser of 1/2 x^T A x - b^T x over span{b, Ab, ..., A^{k-1} b}, by a dense solve: what k steps
+    of CG from 0 give in exact arithmetic when A is positive definite on that space."""
+    K = torch.stack([torch.linalg.matrix_power(A, j) @ b for j in range(k)], dim=1)
+    return K @ torch.linalg.solve(K.T @ A @ K, K.T @ b)
+
+
+def test_newton_direction_gets_the_models_curvature_from_cg_without_another_product():
+    """Three tasks at once: (0) positive definite A, CG truncated at 3 of 8 steps: d is the Krylov minimiser
+    and d^T A d (from CG's Galerkin identity, no product) equals the dense d^T A d; (1) an A with
+    g^T A g < 0: CG stops before its first step, d = -g and the curvature is g^T A g < 0, which -g^T d (> 0)
+    would get wrong; (2) g = 0: d = 0, curvature 0. Three products in all, CG's own."""
+    torch.manual_seed(1)
+    P = 8
+    Q = torch.linalg.qr(torch.randn(P, P, dtype=F64))[0]
+    spd = Q @ torch.diag(torch.logspace(-1, 1, P, dtype=F64)) @ Q.T
+    g0 = torch.randn(P, dtype=F64)
+    u = g0 / g0.norm()
+    indefinite = spd - 20.0 * torch.outer(u, u)  # g0^T A g0 < 0
+    A = torch.stack([spd, indefinite, spd])
+    g = torch.stack([torch.randn(P, dtype=F64), g0, torch.zeros(P, dtype=F64)])
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return torch.einsum("tij,tj->ti", A, v)
+
+    d, slope, curvature = newton_direction(matvec, g, cg_steps=3)
+    assert len(calls) == 3
+    expected = krylov_minimiser(spd, -g[0], 3)
+    assert rel(d[0], expected) < 1e-10 and rel(d[0], torch.linalg.solve(spd, -g[0])) > 1e-3  # truncated
+    assert curvature[0].item() == pytest.approx((expected @ spd @ expected).item(), rel=1e-10)
+    assert slope[0].item() == pytest.approx((g[0] @ expected).item(), rel=1e-10)
+    assert torch.equal(d[1], -g0) and (g0 @ indefinite @ g0).item() < 0
+    assert curvature[1].item() == pytest.approx((g0 @ indefinite @ g0).item(), rel=1e-12)
+    assert slope[1].item() == pytest.approx(-(g0 @ g0).item(), rel=1e-12)
+    assert torch.equal(d[2], torch.zeros(P, dtype=F64)) and curvature[2].item() == 0 and slope[2].item() == 0
