@@ -46,6 +46,9 @@ METHODS = {
 METHODS["imaml_hf_newton"] = dict(
     METHODS["imaml_hf"], inner_optimizer_kwargs={"damping": 0.0, "adapt_damping": False}
 )
+# cheaper HF variants (as in benchmarks/accuracy.py): 3 CG steps per direction, 4 Newton iterations
+METHODS["imaml_hf_cg3"] = dict(METHODS["imaml_hf"], hf_cg_steps=3)
+METHODS["imaml_hf_steps4"] = dict(METHODS["imaml_hf"], inner_steps=4)
 
 
 def parse_args(argv=None):
