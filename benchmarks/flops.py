@@ -50,6 +50,8 @@ DEFAULT_METHODS = tuple(METHODS)  # the README's table
 # cheaper HF variants (as in benchmarks/accuracy.py): 3 CG steps per direction, 4 Newton iterations
 METHODS["imaml_hf_cg3"] = dict(METHODS["imaml_hf"], hf_cg_steps=3)
 METHODS["imaml_hf_steps4"] = dict(METHODS["imaml_hf"], inner_steps=4)
+# iMAML with 8 L-BFGS iterations as the training inner solve (as in benchmarks/accuracy.py)
+METHODS["imaml_lbfgs8"] = dict(IMAML, inner_optimizer="lbfgs", inner_steps=8, inner_lr=1.0)
 
 
 def parse_args(argv=None):
