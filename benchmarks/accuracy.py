@@ -775,7 +775,7 @@ def _config_data_facts(result) -> None:
 def _method_kind(name: str) -> str:
     """The method a run stands for, from a --methods name or a config stem (omniglot_5way1shot_imaml_gd)."""
     for kind in ("imaml_hf", "imaml_lam", "fomaml", "imaml", "maml"):
-        if name == kind or f"_{kind}" in f"_{name}":
+        if f"_{kind}" in f"_{name}":
             return kind
     return name
 
