@@ -800,11 +800,14 @@ def plot(result, path):
         "imaml_lam": "iMAML-GD, learned lam",
     }
     last_steps = []
-    for m, r in result["methods"].items():
+    kinds = [_method_kind(m) for m in result["methods"]]
+    # variants of one method (a study) would all take that method's colour: give each its own instead
+    own_colors = len(set(kinds)) < len(kinds)
+    for i, (m, r) in enumerate(result["methods"].items()):
         rows = [v for v in r["val_curve"] if v["val_acc"] is not None]
         kind = _method_kind(m)
         lab = names.get(m, m) if m in names else f"{names.get(kind, kind)} ({m})"
-        color = colors.get(m, colors.get(kind))
+        color = f"C{i % 10}" if own_colors else colors.get(m, colors.get(kind))
         last_steps.append(max(v["step"] for v in rows))
         if r["test_acc"] is not None:
             lab += f"  (test {100 * r['test_acc']:.2f} +- {100 * (r['test_acc_ci95'] or 0):.2f} %)"
