@@ -37,6 +37,7 @@ PAPER_CONFIGS = [
     "omniglot_20way1shot_imaml_gd_alphabets.yaml",
     "omniglot_20way5shot_imaml_gd.yaml",
     "omniglot_5way1shot_imaml_hf.yaml",
+    "omniglot_5way1shot_imaml_lbfgs.yaml",
     "omniglot_5way5shot_imaml_hf.yaml",
     "omniglot_20way1shot_imaml_hf.yaml",
     "omniglot_20way5shot_imaml_hf.yaml",
