@@ -791,6 +791,7 @@ def plot(result, path):
         "maml": "tab:blue",
         "fomaml": "tab:green",
         "imaml_lam": "tab:orange",
+        "imaml_lbfgs8": "tab:brown",
     }
     names = {
         "imaml": "iMAML-GD",
@@ -798,6 +799,7 @@ def plot(result, path):
         "maml": "MAML",
         "fomaml": "FOMAML",
         "imaml_lam": "iMAML-GD, learned lam",
+        "imaml_lbfgs8": "iMAML, 8 L-BFGS inner steps",
     }
     last_steps = []
     kinds = [_method_kind(m) for m in result["methods"]]
@@ -807,7 +809,7 @@ def plot(result, path):
         rows = [v for v in r["val_curve"] if v["val_acc"] is not None]
         kind = _method_kind(m)
         lab = names.get(m, m) if m in names else f"{names.get(kind, kind)} ({m})"
-        color = f"C{i % 10}" if own_colors else colors.get(m, colors.get(kind))
+        color = colors[m] if m in colors else f"C{i % 10}" if own_colors else colors.get(kind)
         last_steps.append(max(v["step"] for v in rows))
         if r["test_acc"] is not None:
             lab += f"  (test {100 * r['test_acc']:.2f} +- {100 * (r['test_acc_ci95'] or 0):.2f} %)"
