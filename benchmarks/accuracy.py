@@ -780,6 +780,9 @@ def _method_kind(name: str) -> str:
     return name
 
 
+TAB_COLORS = ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")
+
+
 def plot(result, path):
     """Validation accuracy vs meta-step and vs seconds of training, one line per method."""
     plt = common.pyplot()
@@ -805,11 +808,13 @@ def plot(result, path):
     kinds = [_method_kind(m) for m in result["methods"]]
     # variants of one method (a study) would all take that method's colour: give each its own instead
     own_colors = len(set(kinds)) < len(kinds)
-    for i, (m, r) in enumerate(result["methods"].items()):
+    used = {colors[m] for m in result["methods"] if m in colors}
+    free = iter([f"tab:{c}" for c in TAB_COLORS if f"tab:{c}" not in used] * 2)
+    for m, r in result["methods"].items():
         rows = [v for v in r["val_curve"] if v["val_acc"] is not None]
         kind = _method_kind(m)
         lab = names.get(m, m) if m in names else f"{names.get(kind, kind)} ({m})"
-        color = colors[m] if m in colors else f"C{i % 10}" if own_colors else colors.get(kind)
+        color = colors[m] if m in colors else next(free) if own_colors else colors.get(kind)
         last_steps.append(max(v["step"] for v in rows))
         if r["test_acc"] is not None:
             lab += f"  (test {100 * r['test_acc']:.2f} +- {100 * (r['test_acc_ci95'] or 0):.2f} %)"
