@@ -124,8 +124,8 @@ HF_STUDY = {
 }
 for _name, _change in HF_STUDY.items():
     SETTINGS[_name] = dict(SETTINGS["imaml_hf"], **_change)
-# iMAML-GD with a cheaper training-time inner solve (issue 21): 8 L-BFGS iterations (8 gradients against
-# gd_armijo's 16) reached gd_armijo's 16-step residual at one point of training; test-time adaptation unchanged
+# iMAML with a cheaper training-time inner solve (issue 21): 8 L-BFGS iterations (8 gradients against
+# gd_armijo's 16) reached gd_armijo's 16-step residual at one point of training; test-time solve unchanged
 SETTINGS["imaml_lbfgs8"] = dict(SETTINGS["imaml"], inner_optimizer="lbfgs", inner_steps=8, inner_lr=1.0)
 # windowed training metrics (per-step values averaged over --val-every / 5 steps)
 TRAIN_KEYS = {

@@ -573,12 +573,15 @@ class LBFGS(_Backtracking):
         S, Y = [zeros] * self.history_size, [zeros] * self.history_size
         rho = [torch.zeros_like(run.val)] * self.history_size
         t = self.lr * torch.clamp(1.0 / run.g.abs().sum(1), max=1.0)
+        # after k iterations at most k pairs are stored in any task: the recursion and the shift skip the
+        # slots still empty everywhere (rho = 0 makes them no-ops, but each costs passes over [T, P])
+        filled = 0
         for _ in range(self.steps):
             active = run.active()
             if active is None:
                 break
             moving = active & (run.g.abs().amax(1) > self.tolerance_grad)
-            d = _two_loop(run.g, S, Y, rho)
+            d = _two_loop(run.g, S[:filled], Y[:filled], rho[:filled]) if filled else -run.g
             gtd = rowdot(run.g, d)
             descent = torch.isfinite(gtd) & (gtd < 0)
             d = select_rows(descent, d, -run.g)
@@ -589,9 +592,10 @@ class LBFGS(_Backtracking):
             s, y = trial - run.phi, g_new - run.g
             sy = rowdot(s, y)
             keep = ok & (sy > 1e-10)
-            S = [select_rows(keep, a, b) for a, b in zip([s, *S[:-1]], S, strict=True)]
-            Y = [select_rows(keep, a, b) for a, b in zip([y, *Y[:-1]], Y, strict=True)]
-            rho = [torch.where(keep, a, b) for a, b in zip([1.0 / sy, *rho[:-1]], rho, strict=True)]
+            n = filled = min(filled + 1, self.history_size)
+            S[:n] = [select_rows(keep, a, b) for a, b in zip([s, *S[: n - 1]], S[:n], strict=True)]
+            Y[:n] = [select_rows(keep, a, b) for a, b in zip([y, *Y[: n - 1]], Y[:n], strict=True)]
+            rho[:n] = [torch.where(keep, a, b) for a, b in zip([1 / sy, *rho[: n - 1]], rho[:n], strict=True)]
             run.phi, run.g = select_rows(ok, trial, run.phi), select_rows(ok, g_new, run.g)
             run.val = torch.where(ok, new, run.val)
             t = torch.where(ok, torch.full_like(t, self.lr), torch.where(moving, t * self.backtrack, t))

@@ -942,6 +942,56 @@ def test_lbfgs_history_size_one_is_a_valid_lbfgs():
     assert grad_G(support, phi, theta, 0.5).norm() < 1e-8
 
 
+@pytest.mark.parametrize("history_size", [3, 10])
+def test_lbfgs_iterates_equal_a_dense_per_task_lbfgs(history_size):
+    """8 iterations on 3 tasks at once (curvatures 1, 100, 1e4: different backtracking and pair counts per
+    task) against each task alone, written out densely: d = -H g with H from gamma I by BFGS updates over the
+    newest ``history_size`` pairs (gamma = s'y / y'y of the newest), d = -g where not a descent direction,
+    one trial at t (t = lr min(1, 1/|g|_1) first, lr after an accepted step, backtrack x t after a rejected
+    one), Armijo with c1, and a pair kept only if accepted and s'y > 1e-10."""
+    rows, theta, _ = logistic_batch([1.0, 100.0, 1e4], seed=13)
+    lam, steps, lr, c1, back = 0.5, 8, 3.0, 1e-4, 0.5  # lr 3 overshoots: some trials are rejected
+    phi, info = LBFGS(steps=steps, lr=lr, history_size=history_size).solve(ProximalProblem(rows, theta, lam))
+
+    def G_and_grad(t, x):
+        x = x.clone().requires_grad_(True)
+        full = torch.cat([theta[:t], x[None], theta[t + 1 :]])
+        G = rows(full)[t] + 0.5 * lam * ((x - theta[t]) ** 2).sum()
+        return G.detach(), torch.autograd.grad(G, x)[0]
+
+    n = theta.shape[1]
+    eye = torch.eye(n, dtype=F64)
+    for t in range(theta.shape[0]):
+        x = theta[t].clone()
+        f, g = G_and_grad(t, x)
+        pairs, step, accepted = [], lr * min(1.0, 1.0 / g.abs().sum().item()), 0
+        for _ in range(steps):
+            H = eye
+            if pairs:
+                s_new, y_new = pairs[-1]
+                H = (s_new @ y_new) / (y_new @ y_new) * eye
+                for s, y in pairs:  # oldest to newest
+                    r = 1.0 / (s @ y)
+                    V = eye - r * torch.outer(y, s)
+                    H = V.T @ H @ V + r * torch.outer(s, s)
+            d = -H @ g
+            if not (g @ d < 0):
+                d = -g
+            trial = x + step * d
+            f_new, g_new = G_and_grad(t, trial)
+            ok = bool(torch.isfinite(f_new)) and f_new <= f + c1 * step * (g @ d)
+            s, y = trial - x, g_new - g
+            if ok and s @ y > 1e-10:
+                pairs = (pairs + [(s, y)])[-history_size:]
+            if ok:
+                x, f, g, step, accepted = trial, f_new, g_new, lr, accepted + 1
+            else:
+                step *= back
+        torch.testing.assert_close(phi[t], x, rtol=1e-10, atol=1e-12, msg=f"task {t}")
+        assert info.accepted[t].item() == accepted, t
+    assert len(set(info.accepted.tolist())) > 1  # the tasks took different paths
+
+
 # ------------------------------------------------------------------------------------------- gd_armijo
 
 
