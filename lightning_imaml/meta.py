@@ -130,7 +130,7 @@ class MetaLearner(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         task_type: str = "classification",
         inner_optimizer_kwargs: dict[str, Any] | None = None,
-        hf_cg_steps: int = 5,
+        hf_cg_steps: int = 3,
         eval_inner_optimizer_kwargs: dict[str, Any] | None = None,
         inner_solver: InnerSolver | None = None,
         eval_solver: InnerSolver | None = None,
