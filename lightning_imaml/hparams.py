@@ -116,7 +116,7 @@ def solvers(
     eval_solver: Any,
     *,
     inner_optimizer: str,
-    inner_steps: int,
+    inner_steps: int | None,
     inner_lr: float | None,
     inner_optimizer_kwargs: Mapping[str, Any] | None,
     hf_cg_steps: int | None,
@@ -129,10 +129,10 @@ def solvers(
 ) -> tuple[InnerSolver, InnerSolver]:
     """The training and evaluation solvers. A solver object (or config) wins; otherwise the flat arguments
     build it: ``make_solver(inner_optimizer, steps=inner_steps, lr=inner_lr, tol=inner_tol, atol=inner_atol,
-    **inner_optimizer_kwargs)`` (``hf_cg_steps`` -> ``cg_steps`` of "hf"). The evaluation solver takes the
-    training one's settings where its ``eval_*`` argument is None, except the early-stopping tolerances (an
-    evaluation solve runs all its steps) and the options, which it keeps only with the same solver (SGD's
-    momentum means nothing to "gd")."""
+    **inner_optimizer_kwargs)`` (``hf_cg_steps`` -> ``cg_steps`` of "hf"; a None: the solver's default).
+    The evaluation solver takes the training one's settings where its ``eval_*`` argument is None, except the
+    early-stopping tolerances (an evaluation solve runs all its steps) and the options, which it keeps only
+    with the same solver (SGD's momentum means nothing to "gd")."""
     for name, value in (("inner_optimizer", inner_optimizer), ("eval_inner_optimizer", eval_inner_optimizer)):
         if value is not None and value not in SOLVERS:
             raise ValueError(f"{name} must be one of {tuple(SOLVERS)}, got {name}={value!r}")
@@ -141,9 +141,8 @@ def solvers(
         options = dict(inner_optimizer_kwargs or {})
         if inner_optimizer == "hf" and hf_cg_steps is not None:
             options.setdefault("cg_steps", hf_cg_steps)
-        if inner_lr is not None:
-            options["lr"] = inner_lr
-        train = make_solver(inner_optimizer, steps=inner_steps, tol=inner_tol, atol=inner_atol, **options)
+        options.update({k: v for k, v in (("steps", inner_steps), ("lr", inner_lr)) if v is not None})
+        train = make_solver(inner_optimizer, tol=inner_tol, atol=inner_atol, **options)
     evaluation = solver_from_config(eval_solver, "eval_solver")
     if evaluation is None:
         same = eval_inner_optimizer is None or eval_inner_optimizer == train.name

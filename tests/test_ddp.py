@@ -146,7 +146,10 @@ def _flat(params):
     return torch.cat([params[k].reshape(-1) for k in sorted(params)])
 
 
-@pytest.mark.parametrize("dtype_name,tol", [("float32", 1e-5), ("float64", 1e-12)])
+# float32: the rounding of a different summation order (2 ranks' all-reduce vs one process's mean) passes
+# through L-BFGS's curvature pairs (divisions by s'y): 1.5e-5 measured; a rank's missing share of the
+# meta-gradient would be O(1)
+@pytest.mark.parametrize("dtype_name,tol", [("float32", 5e-5), ("float64", 1e-12)])
 def test_ddp_two_ranks_equal_one_process_on_union(runs, dtype_name, tol):
     tmp_path = runs
     r0 = torch.load(tmp_path / f"ddp_{dtype_name}_rank0.pt")

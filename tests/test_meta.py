@@ -200,7 +200,15 @@ def test_maml_with_lam_converges_to_implicit_gradient():
     )
     batch = (sx, torch.sin(sx.sum(-1, keepdim=True)), qx, torch.sin(qx.sum(-1, keepdim=True)))
     model = _tanh_mlp()
-    imaml = IMAML(model, lam=lam, inner_steps=400, inner_lr=lr, cg_steps=100, task_type="regression")
+    imaml = IMAML(
+        model,
+        lam=lam,
+        inner_optimizer="gd_armijo",
+        inner_steps=400,
+        inner_lr=lr,
+        cg_steps=100,
+        task_type="regression",
+    )
     reference, _ = imaml.meta_gradient(batch)
     gaps = {}
     for steps in (1, 5, 10, 25, 50, 100, 200):
@@ -252,7 +260,15 @@ def test_maml_lam_zero_is_plain_maml_and_first_order_variants():
 
 def test_validation_and_test_regression_default_trainer():
     model = ridge_model()
-    learner = IMAML(model, lam=2.0, inner_steps=20, inner_lr=0.1, eval_lam=0.0, task_type="regression")
+    learner = IMAML(
+        model,
+        lam=2.0,
+        inner_optimizer="gd_armijo",
+        inner_steps=20,
+        inner_lr=0.1,
+        eval_lam=0.0,
+        task_type="regression",
+    )
     batches = [ridge_batch(n_tasks=3, seed=s) for s in (10, 11)]
     seen = []
 
@@ -427,7 +443,7 @@ def test_exact_resume(tmp_path):
     }
     loaded = IMAML.load_from_checkpoint(ckpt, model=SinusoidMLP(hidden=8))
     assert loaded.hparams.inner_steps == 3 and loaded.task_type == "regression"
-    assert loaded.inner_solver == half.inner_solver == GDArmijo(steps=3, lr=0.1)
+    assert loaded.inner_solver == half.inner_solver == LBFGS(steps=3, lr=1.0)  # the default solver, its lr
     assert loaded.eval_solver == half.eval_solver
     assert loaded.skipped_steps == 0 and loaded.batched_tasks is False
 
@@ -591,7 +607,7 @@ def test_lightning_cli_instantiates_with_injected_optimizer(tmp_path):
     )
     opt = cli.model.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3
-    assert cli.model.inner_solver == GDArmijo(steps=16, lr=0.1)
+    assert cli.model.inner_solver == LBFGS(steps=8, lr=1.0)
     # under the CLI the network's config is kept in the hyperparameters (checkpoints rebuild it)
     assert cli.model.hparams["model"]["class_path"] == "lightning_imaml.SinusoidMLP"
     # MAML under the CLI: every inherited argument arrives with its default, which is not "another solver"
@@ -672,7 +688,8 @@ def test_solver_objects_are_the_ones_used_in_training_and_evaluation():
 
 
 FLAT_CASES = [  # (flat arguments of IMAML, training solver, evaluation solver)
-    ({}, GDArmijo(steps=16, lr=0.1), GDArmijo(steps=16, lr=0.1)),
+    ({}, LBFGS(steps=8, lr=1.0), LBFGS(steps=8, lr=1.0)),  # the default: 8 L-BFGS iterations from step 1
+    ({"inner_optimizer": "gd_armijo"}, GDArmijo(steps=16, lr=0.1), GDArmijo(steps=16, lr=0.1)),  # its own
     (
         {
             "inner_optimizer": "sgd",
@@ -695,8 +712,8 @@ FLAT_CASES = [  # (flat arguments of IMAML, training solver, evaluation solver)
     ),
     (
         {"eval_inner_steps": 7, "eval_inner_lr": 0.01},
-        GDArmijo(steps=16, lr=0.1),
-        GDArmijo(steps=7, lr=0.01),
+        LBFGS(steps=8, lr=1.0),
+        LBFGS(steps=7, lr=0.01),
     ),
     (
         {
@@ -729,9 +746,9 @@ FLAT_CASES = [  # (flat arguments of IMAML, training solver, evaluation solver)
         TorchOptimizer(steps=2, lr=0.1, torch_optimizer=torch.optim.RMSprop, kwargs={"alpha": 0.9}),
         TorchOptimizer(steps=2, lr=0.1, torch_optimizer=torch.optim.RMSprop, kwargs={"alpha": 0.9}),
     ),
-    ({"inner_optimizer": "lbfgs", "inner_lr": None}, LBFGS(steps=16), LBFGS(steps=16)),  # the solver's own lr
+    ({"inner_optimizer": "gd", "inner_steps": None, "inner_lr": None}, GD(), GD()),  # the solver's defaults
     # the tolerances stop training solves early; evaluation solves run all their steps
-    ({"inner_tol": 1e-3, "inner_atol": 1e-6}, GDArmijo(tol=1e-3, atol=1e-6), GDArmijo()),
+    ({"inner_tol": 1e-3, "inner_atol": 1e-6}, LBFGS(tol=1e-3, atol=1e-6), LBFGS()),
     (
         {"inner_optimizer": "gd", "inner_tol": 1e-3, "eval_inner_optimizer": "sgd"},
         GD(tol=1e-3),
@@ -1138,7 +1155,14 @@ def test_every_batched_choice_gives_the_same_results(tiny):
     for name, kw in BATCHED_CHOICES.items():
         model.load_state_dict(init)
         learner = IMAML(
-            model, inner_steps=5, inner_lr=0.5, cg_steps=3, eval_inner_steps=3, optimizer=sgd(0.1), **kw
+            model,
+            inner_optimizer="gd_armijo",
+            inner_steps=5,
+            inner_lr=0.5,
+            cg_steps=3,
+            eval_inner_steps=3,
+            optimizer=sgd(0.1),
+            **kw,
         )
         grad, metrics = learner.meta_gradient(batch)
         tr = trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
