@@ -86,22 +86,19 @@ class RetainedGGN:
             val = loss.losses(self._out)
             (g_out,) = torch.autograd.grad(val.sum(), self._out, create_graph=True)
             self._g_out = g_out  # d loss / d outputs, differentiable again: H_out w by one more backward
-            (g,) = torch.autograd.grad(
-                self._out, self._leaf, g_out.detach(), retain_graph=True, allow_unused=True
-            )
+            # the outputs depend on phi (a network of these parameters), so no gradient here is None
+            (g,) = torch.autograd.grad(self._out, self._leaf, g_out.detach(), retain_graph=True)
             self._u = torch.zeros_like(self._out, requires_grad=True)
-            (self._jt_u,) = torch.autograd.grad(
-                self._out, self._leaf, self._u, create_graph=True, allow_unused=True
-            )
+            (self._jt_u,) = torch.autograd.grad(self._out, self._leaf, self._u, create_graph=True)
         self.value = val.detach()
-        self.grad = torch.zeros_like(self._leaf) if g is None else g.detach()
+        self.grad = g.detach()
 
     def __call__(self, v: Tensor) -> Tensor:
         with torch.enable_grad():
             (jv,) = torch.autograd.grad(self._jt_u, self._u, v, retain_graph=True)  # J v
             (hjv,) = torch.autograd.grad(self._g_out, self._out, jv, retain_graph=True)  # H_out J v
-            (gv,) = torch.autograd.grad(self._out, self._leaf, hjv, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(v) if gv is None else gv
+            (gv,) = torch.autograd.grad(self._out, self._leaf, hjv, retain_graph=True)
+        return gv
 
 
 def implicit_solve(

@@ -88,10 +88,6 @@ class ParamSpec:
             parts.append(v.reshape(1).expand(math.prod(shape)) if v.dim() == 0 else v.reshape(-1))
         return torch.cat(parts)
 
-    def segment_sum(self, flat: Tensor) -> dict[str, Tensor]:
-        """``[*lead, P]`` -> dict name -> ``[*lead]``: the sum over each parameter tensor's entries."""
-        return {n: p.sum(-1) for n, p in zip(self.names, flat.split(self.sizes, dim=-1), strict=True)}
-
 
 def check_lam_layout(lam: Mapping[str, Tensor], params: Mapping[str, Tensor], name: str = "params") -> None:
     """Raise ``ValueError`` unless the per-parameter ``lam`` has the keys of ``params`` (``name`` in the

@@ -5,8 +5,10 @@ result. The behaviour these constants serve is tested in test_inner.py / test_im
 
 import pytest
 import torch
+from helpers import krylov_minimiser, rel
 
 from lightning_imaml.cg import batched_conjugate_gradient, conjugate_gradient
+from lightning_imaml.implicit import implicit_meta_gradient
 from lightning_imaml.inner import GDArmijo, HessianFree, _rose, _sufficient_decrease
 
 F64 = torch.float64
@@ -216,3 +218,23 @@ def test_hessian_free_solves_its_newton_system_to_cg_rtol_1e_12():
         x, _ = batched_conjugate_gradient(lambda v: v @ M, b[None], 400, rtol=rtol)
         r = ((M @ x[0] - b).norm() / b.norm()).item()
         assert not 1e-13 < r <= 1e-12, (rtol, r)
+
+
+# ------------------------------------------------------------------------- implicit: the default CG budget
+
+
+def test_implicit_meta_gradient_takes_5_cg_steps_by_default():
+    """On a quadratic support loss 1/2 p^T H p (H SPD, 8 distinct eigenvalues) the default call returns the
+    5-step Krylov minimiser of (I + H / lam) x = g, told apart from 4 and 6 steps."""
+    g0 = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g0, dtype=F64))
+    H = Q @ torch.diag(torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], dtype=F64)) @ Q.T
+    g = torch.randn(8, generator=g0, dtype=F64)
+    lam = 2.0
+    A = torch.eye(8, dtype=F64) + H / lam
+    out = implicit_meta_gradient(
+        lambda p: 0.5 * p["x"] @ H @ p["x"], {"x": torch.zeros(8, dtype=F64)}, {"x": g}, lam
+    )
+    assert rel(out.grad["x"], krylov_minimiser(A, g, 5)) < 1e-10
+    for other in (4, 6):
+        assert rel(krylov_minimiser(A, g, other), krylov_minimiser(A, g, 5)) > 1e-4

@@ -396,9 +396,17 @@ def test_rows_api_with_losses_that_ignore_phi_or_are_linear_in_it():
     val, g = value_and_grad(const, phi)
     assert torch.equal(val, torch.zeros(2, dtype=torch.float64)) and torch.equal(g, torch.zeros_like(phi))
     assert torch.equal(RetainedHVP(const, phi)(v), torch.zeros_like(v))
+    detached_const = lambda rows: torch.ones(rows.shape[0], dtype=rows.dtype)  # noqa: E731 - no graph at all
+    val, g = value_and_grad(detached_const, phi)
+    assert torch.equal(val, torch.ones(2, dtype=torch.float64)) and torch.equal(g, torch.zeros_like(phi))
+    no_graph = RetainedHVP(detached_const, phi)
+    assert torch.equal(no_graph.grad, torch.zeros_like(phi)) and torch.equal(no_graph(v), torch.zeros_like(v))
     w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     linear = RetainedHVP(lambda rows: rows @ w, phi)  # gradient w per row, Hessian 0
     assert torch.equal(linear.grad, w.expand(2, 3)) and torch.equal(linear(v), torch.zeros_like(v))
+    # linear in phi with a coefficient that has a graph of its own: the gradient needs grad, H is still 0
+    scaled = RetainedHVP(lambda rows: (rows @ w) * other, phi)
+    assert torch.equal(scaled.grad, 0.5 * w.expand(2, 3)) and torch.equal(scaled(v), torch.zeros_like(v))
     # a parameter the loss ignores has H = 0 in its block, so there the implicit gradient is g itself
     loss, params, _ = _partly_used_loss()
     g = {
@@ -423,6 +431,17 @@ def test_hvp_errors_name_the_arguments():
         hessian_vector_product(loss, params, {"a": v["a"], "b": torch.ones(3, dtype=torch.float64)})
     with pytest.raises(ValueError, match=r"method 'newton'"):
         hessian_vector_product(loss, params, v, method="newton")
+
+
+def test_hvp_of_a_float32_vector_at_float64_parameters_is_taken_in_float64():
+    loss, params, v = _partly_used_loss()
+    H = torch.func.hessian(lambda a: loss({"a": a, "b": params["b"]}))(params["a"])
+    v32 = {k: t.float() for k, t in v.items()}
+    hv = hessian_vector_product(loss, params, v32)
+    assert hv["a"].dtype == torch.float64
+    torch.testing.assert_close(hv["a"], H @ v["a"].float().double(), rtol=1e-13, atol=1e-15)
+    zero = hessian_vector_product(lambda p: p["a"].sum() + p["b"].sum(), params, v32)  # linear: H = 0
+    assert all(t.dtype == torch.float64 and not t.any() for t in zero.values())
 
 
 def test_per_parameter_lam_errors_say_which_keys_and_values_are_wrong():
@@ -477,7 +496,7 @@ def test_implicit_gradient_input_errors_name_what_to_fix():
     loss, params, _ = _partly_used_loss()
     g = {k: torch.ones_like(t) for k, t in params.items()}
     for lam in (0.0, -1.0, float("nan"), float("inf"), torch.tensor(0.0)):
-        with pytest.raises(ValueError, match=r"lam must be > 0 and finite"):
+        with pytest.raises(ValueError, match=r"lam must be > 0 and finite.*lam = 0 means no proximal term"):
             implicit_meta_gradient(loss, params, g, lam=lam, cg_steps=2)
     for steps in (0, -3, 1.5, True):
         with pytest.raises(ValueError, match="cg_steps"):
@@ -489,7 +508,7 @@ def test_implicit_gradient_input_errors_name_what_to_fix():
         implicit_meta_gradient(loss, params, g, lam=1.0, cg_steps=2, rtol=-1.0)
     # one argument a tensor, the other a dict, either way round
     for p, q, names in ((params["a"], g, "Tensor and dict"), (params, g["a"], "dict and Tensor")):
-        with pytest.raises(ValueError, match=rf"params and query_grad must be dicts.*{names}"):
+        with pytest.raises(ValueError, match=rf"params and query_grad must be dicts name -> Tensor.*{names}"):
             implicit_meta_gradient(loss, p, q, lam=1.0, cg_steps=2)
     with pytest.raises(ValueError, match=r"params and query_grad.*only in params: \['b'\]"):
         implicit_meta_gradient(loss, params, {"a": g["a"]}, lam=1.0, cg_steps=2)

@@ -17,6 +17,7 @@ shows as 1e-4 or more)."""
 
 import pytest
 import torch
+from helpers import krylov_minimiser
 from torch import nn
 from torch.func import functional_call, grad, hessian
 
@@ -92,20 +93,6 @@ def problem(dtype=torch.float64):
         (flat_loss(model, sx, sy), flat_loss(model, qx, qy)) for sx, sy, qx, qy in zip(*tasks, strict=True)
     ]
     return model, theta, tasks, losses
-
-
-def krylov_minimiser(A, b, k):
-    """argmin over x in K_k(A, b) of 1/2 x^T A x - b^T x: what k exact CG steps from 0 return. The basis of
-    K_k by Arnoldi with full reorthogonalisation (the monomial basis b, Ab, ... loses ~1e-11 here)."""
-    V = [b / b.norm()]
-    for _ in range(1, k):
-        w = A @ V[-1]
-        for _ in range(2):  # Gram-Schmidt twice: orthogonal to rounding
-            for u in V:
-                w = w - (u @ w) * u
-        V.append(w / w.norm())
-    V = torch.stack(V, dim=1)
-    return V @ torch.linalg.solve(V.T @ A @ V, V.T @ b)
 
 
 def rel(a, b):
