@@ -156,8 +156,18 @@ def _sufficient_decrease(new: Tensor, old: Tensor, predicted: Tensor) -> Tensor:
     """Armijo: G(new) <= G(old) + predicted (predicted = c1 t g'd < 0). Where the predicted decrease is within
     1024 x the rounding of G, the comparison of two values of G is noise: there a step that does not raise G
     beyond rounding passes, so that a converged solve does not stall on a rejected step."""
-    noise = 16 * torch.finfo(old.dtype).eps * torch.maximum(old.abs(), new.abs())
-    return (new <= old + predicted) | ((-predicted <= 1024 * noise) & (new <= old + noise))
+    noise = _rounding(new, old)
+    return (new <= old + predicted) | (_negligible(-predicted, noise) & (new <= old + noise))
+
+
+def _rounding(new: Tensor, old: Tensor) -> Tensor:
+    """The rounding of a difference of two values of G: 16 eps max(|new|, |old|)."""
+    return 16 * torch.finfo(old.dtype).eps * torch.maximum(old.abs(), new.abs())
+
+
+def _negligible(decrease: Tensor, noise: Tensor) -> Tensor:
+    """A predicted decrease within 1024 x the rounding of G, where comparing two values of G is noise."""
+    return decrease <= 1024 * noise
 
 
 def _rose(new: Tensor, old: Tensor) -> Tensor:
@@ -376,9 +386,9 @@ class GDArmijo(InnerSolver):
             trial = torch.addcmul(phi, -t_r[:, None], g)
             new, g_new = sub.value_and_grad(trial)
             predicted = t_r * gg_r
-            noise = 16 * torch.finfo(new.dtype).eps * torch.maximum(val.abs(), new.abs())
+            noise = _rounding(new, val)
             # rho from values only where their difference is known to ~1e-3; else from the gradients
-            measurable = predicted > 1024 * noise
+            measurable = ~_negligible(predicted, noise)
             rho_grads = 0.5 * (1 + rowdot(g_new, g) / gg_r)
             rho = torch.where(measurable, (val - new) / predicted, rho_grads)
             # gg == 0 (already stationary): rho is nan/inf; nothing to do, reject and keep phi

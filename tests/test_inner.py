@@ -83,10 +83,11 @@ def logistic_task(seed=0, d=5, n=20, m=20):
     return theta, loss(Xs, ys), loss(Xq, yq)
 
 
-def logistic_batch(scales, seed=0, d=5, n=20):
+def logistic_batch(scales, seed=0, d=5, n=20, restrictable=False):
     """T logistic tasks as one batch, task t's loss scaled by scales[t] (its curvature): the per-row loss
     ``[T, d + 1] -> [T]`` for a ProximalProblem, theta ``[T, d + 1]``, and each task alone as
-    (dict support loss, dict theta) for a one-task call."""
+    (dict support loss, dict theta) for a one-task call. ``restrictable``: the loss has ``select(rows)`` (as
+    the engine's TaskLoss), so the solvers work on the tasks still solving only, instead of masking."""
     g = torch.Generator().manual_seed(seed)
     T = len(scales)
     X = torch.randn(T, n, d, generator=g, dtype=F64)
@@ -95,9 +96,20 @@ def logistic_batch(scales, seed=0, d=5, n=20):
     theta = torch.randn(T, d + 1, generator=g, dtype=F64)
     s = torch.tensor(scales, dtype=F64)
 
-    def rows(phi):
-        z = torch.einsum("tnd,td->tn", X, phi[:, :d]) + phi[:, d:]
-        return s * (F.softplus(z) - y * z).mean(1)
+    class Rows:
+        def __init__(self, tasks):
+            self.tasks = tasks
+
+        def __call__(self, phi):
+            X_, y_, s_ = X[self.tasks], y[self.tasks], s[self.tasks]
+            z = torch.einsum("tnd,td->tn", X_, phi[:, :d]) + phi[:, d:]
+            return s_ * (F.softplus(z) - y_ * z).mean(1)
+
+        def select(self, rows):
+            return Rows(self.tasks[rows])
+
+    every = torch.arange(T)
+    rows = Rows(every) if restrictable else (lambda phi: Rows(every)(phi))
 
     def one(t):
         def f(p):
@@ -497,14 +509,17 @@ BATCH = {"gd": (40, 1e-3), "gd_armijo": (30, 1e-3), "sgd": (40, 1e-3), "adam": (
 
 
 @pytest.mark.parametrize("lam_kind", ["number", "per-parameter"])
-@pytest.mark.parametrize("early", [False, True], ids=["tol0", "tol"])
+@pytest.mark.parametrize("early", ["tol0", "tol", "tol-restricted"])
 @pytest.mark.parametrize("name", NAMES)
 def test_a_batch_is_independent_one_task_solves(name, early, lam_kind):
     """solve() on a ProximalProblem of T tasks equals T separate one-task calls, row by row and report by
     report (float64). With a tolerance every task stops on its own: tasks of different curvature stop at
-    different iterations, each where it would stop alone; with tol = atol = 0 every task runs every step."""
+    different iterations, each where it would stop alone; with tol = atol = 0 every task runs every step.
+    "tol-restricted": the loss can be restricted to the tasks still solving (``select``), so the solver
+    computes on those rows only and writes them back into the batch."""
     scales = (0.5, 2.0, 4.0)
-    rows, theta, tasks = logistic_batch(scales, seed=10)
+    rows, theta, tasks = logistic_batch(scales, seed=10, restrictable=early == "tol-restricted")
+    early = early != "tol0"
     steps, tol = BATCH[name]
     tol = tol if early else 0.0
     solver = make_solver(name, steps=steps, tol=tol, **EARLY[name][0])
@@ -707,6 +722,64 @@ def test_proximal_problem_input_errors():
     # lam = 0 (everywhere or in places) is allowed
     ProximalProblem(rows, theta, 0.0)
     ProximalProblem(rows, theta, torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=F64))
+
+
+def test_proximal_objective_with_a_number_and_a_per_parameter_lam_by_hand():
+    """G = L + 1/2 sum_i lam_i (phi_i - theta_i)^2, exact in binary: L = 1, phi - theta = (1, 2 | 3)."""
+    phi = {"w": torch.tensor([1.0, 2.0], dtype=F64), "b": torch.tensor([3.0], dtype=F64)}
+    theta = {"w": torch.zeros(2, dtype=F64), "b": torch.zeros(1, dtype=F64)}
+
+    def one(p):
+        return torch.tensor(1.0, dtype=F64)
+
+    assert proximal_objective(one, phi, theta, 0.5).item() == 1 + 0.25 * (1 + 4 + 9)
+    assert proximal_objective(one, phi, theta, 0.0).item() == 1.0
+    per = {"w": torch.tensor([2.0, 0.5], dtype=F64), "b": torch.tensor(4.0, dtype=F64)}  # per scalar / tensor
+    assert proximal_objective(one, phi, theta, per).item() == 1 + 0.5 * (2 * 1 + 0.5 * 4 + 4 * 9)
+
+
+def test_a_solver_call_defaults_to_lam_0_and_names_theta_in_layout_errors():
+    theta = {"w": torch.tensor([1.0, -2.0], dtype=F64)}
+
+    def support(p):
+        return ((p["w"] - 3.0) ** 2).sum()
+
+    solver = GD(steps=3, lr=0.1)
+    default, _ = solver(support, theta)
+    assert torch.equal(default["w"], solver(support, theta, 0.0)[0]["w"])
+    assert not torch.equal(default["w"], solver(support, theta, 1.0)[0]["w"])
+    with pytest.raises(ValueError, match=r"keys of theta: missing \['w'\]"):
+        solver(support, theta, {"v": torch.tensor(1.0, dtype=F64)})
+
+
+def test_torch_optimizer_takes_class_paths_and_says_what_it_accepts():
+    assert TorchOptimizer(torch_optimizer="torch.optim.RMSprop").torch_optimizer is torch.optim.RMSprop
+    assert TorchOptimizer(torch_optimizer="torch.optim.Adagrad").torch_optimizer is torch.optim.Adagrad
+    assert TorchOptimizer(torch_optimizer="SGD").torch_optimizer is torch.optim.SGD
+    for bad in ("torch.optim.NoSuchThing", "torch.nn.Linear", "nadam"):
+        accepted = r"such as 'torch.optim.RMSprop', or a torch.optim.Optimizer subclass"
+        with pytest.raises(ValueError, match=rf"unknown torch_optimizer '{bad}'.*{accepted}"):
+            TorchOptimizer(torch_optimizer=bad)
+    for lbfgs in (torch.optim.LBFGS, "torch.optim.LBFGS"):
+        with pytest.raises(
+            ValueError, match=r"torch_optimizer=LBFGS couples all parameters.*use the 'lbfgs' solver"
+        ):
+            TorchOptimizer(torch_optimizer=lbfgs)
+
+
+def test_hessian_free_option_checks():
+    HessianFree(max_backtracks=1, cg_steps=1)  # the smallest valid counts
+    HessianFree(damping=0.0, adapt_damping=False)  # plain Newton-CG
+    for bad in ({"damping": -1.0, "adapt_damping": False}, {"damping": 0.0, "adapt_damping": True},
+                {"damping": float("nan")}):  # fmt: skip
+        with pytest.raises(
+            ValueError, match=rf"damping must be >= 0 \(> 0 to adapt it\), got damping={bad['damping']!r}"
+        ):
+            HessianFree(**bad)
+    with pytest.raises(
+        ValueError, match=r"curvature must be 'hessian' or 'gauss_newton', got curvature='fisher'"
+    ):
+        HessianFree(curvature="fisher")
 
 
 def test_sgd_nesterov_needs_momentum_and_no_dampening_as_torch_optim():
