@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import NamedTuple
 
 import pytest
@@ -27,7 +28,14 @@ import torch.nn.functional as F
 from helpers import TinyCNN, params_of, tiny_batch
 from torch import nn
 
-from lightning_imaml.batched import ChunkTuner, cat_results, probe_batching, run_chunked, summarise_tasks
+from lightning_imaml.batched import (
+    ChunkTuner,
+    cat_results,
+    choose_chunk_size,
+    probe_batching,
+    run_chunked,
+    summarise_tasks,
+)
 from lightning_imaml.cg import CG, batched_conjugate_gradient, conjugate_gradient
 from lightning_imaml.functional import ForwardCast, mse_loss
 from lightning_imaml.inner import (
@@ -565,3 +573,46 @@ def test_inference_mode_inputs_work(chunk):
     )
     for k in theta:
         torch.testing.assert_close(phis[k], ref_phis[k], rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- the learners' chunk-size rule
+
+
+def test_choose_chunk_size_follows_the_documented_rule(tiny):
+    """False: the loop, nothing timed; a model the probe accepts: the given size, else the timed choice (1
+    among the candidates only when batching was not asked for); a model it refuses (BatchNorm with running
+    statistics): the loop with the probe's reason, and a warning only when batching was asked for."""
+    model, _, batch = tiny
+    calls = []
+
+    def fn(chunk, mode):
+        calls.append((chunk[0].shape[0], mode))
+        return chunk[0].sum(dim=tuple(range(1, chunk[0].dim())))  # one number per task
+
+    assert choose_chunk_size(False, 3, fn, batch, model, F.cross_entropy) == (1, "batched_tasks=False")
+    assert calls == []
+    assert choose_chunk_size(None, 3, fn, batch, model, F.cross_entropy) == (3, "batched_chunk_size")
+    assert choose_chunk_size(True, 2, fn, batch, model, F.cross_entropy) == (2, "batched_chunk_size")
+    assert calls == []
+    assert batch[0].shape[0] == 4  # so the candidates above 4 become 4
+    for asked, sizes in ((None, [1, 4]), (True, [4])):
+        calls.clear()
+        size, why = choose_chunk_size(asked, None, fn, batch, model, F.cross_entropy)
+        assert size in sizes and why.startswith("timed (s per task): ")
+        assert [int(c) for c in re.findall(r"(\d+): ", why)] == sizes
+        assert sorted({c for c, _ in calls}) == sizes and ("loop" in {m for _, m in calls}) == (1 in sizes)
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+    g = torch.Generator().manual_seed(0)
+    tasks = (
+        torch.randn(3, 5, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, 1, generator=g, dtype=torch.float64),
+    )
+    tasks = tasks + tasks
+    ok, reason = probe_batching(bn, tasks[0], tasks[1], mse_loss, dict(bn.named_parameters()))
+    assert not ok
+    with pytest.warns(UserWarning, match=r"batched_tasks=True: using the per-task loop instead \(.+\)"):
+        assert choose_chunk_size(True, None, fn, tasks, bn, mse_loss) == (1, reason)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_chunk_size(None, 2, fn, tasks, bn, mse_loss) == (1, reason)
