@@ -198,10 +198,9 @@ def maml_meta_gradient(
             phi = phi - inner_lr * g
         out = query.outputs(phi)
         qloss = query.losses(out)
-        (grad,) = torch.autograd.grad(qloss.sum(), theta_leaf, allow_unused=True)
+        (grad,) = torch.autograd.grad(qloss.sum(), theta_leaf)  # the forward reads views of theta_leaf
     with torch.no_grad():
         sloss = support(phi.detach())
-    grad = torch.zeros_like(th) if grad is None else grad
     return TaskResults(grad, qloss.detach(), out.detach(), sloss, {})
 
 
