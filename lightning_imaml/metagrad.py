@@ -118,8 +118,8 @@ def _query_grad(query: TaskLoss, phi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         leaf = phi.detach().requires_grad_(True)
         out = query.outputs(leaf)
         loss = query.losses(out)
-        (g,) = torch.autograd.grad(loss.sum(), leaf, allow_unused=True)
-    return loss.detach(), torch.zeros_like(leaf) if g is None else g, out.detach()
+        (g,) = torch.autograd.grad(loss.sum(), leaf)  # the forward reads views of leaf
+    return loss.detach(), g, out.detach()
 
 
 def _flat_lam(lam, spec: ParamSpec, like: Tensor) -> float | Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import warnings
 from typing import NamedTuple
 
@@ -541,6 +542,24 @@ def test_chunk_tuner_times_each_candidate_within_the_task_count(candidates, samp
     )
 
 
+def test_chunk_tuner_keeps_the_fastest_per_task_time_and_samples_tasks_not_examples():
+    """fn costs 20 ms per call plus 1 ms per task: per task 21 ms at chunk 1, 6 ms at 4, 3.5 ms at 8, so 8
+    wins. 9 tasks of 2 examples each: the sample is 8 tasks (not 2)."""
+    tasks = tuple(torch.zeros(9, 2, 3) for _ in range(4))
+    seen = []
+
+    def fn(chunk, mode):
+        seen.append(chunk[0].shape[0])
+        time.sleep(0.02 + 0.001 * chunk[0].shape[0])
+        return chunk[0].sum(dim=(1, 2))
+
+    tuner = ChunkTuner(candidates=(1, 4, 8), sample=8)
+    assert tuner.choose(fn, tasks) == 8
+    assert sorted(tuner.times) == [1, 4, 8] and max(seen) == 8
+    for c, expected in ((1, 0.021), (4, 0.006), (8, 0.0035)):  # seconds per task, sleep's overshoot allowed
+        assert expected <= tuner.times[c] < expected + 0.01, (c, tuner.times)
+
+
 # ---------------------------------------------------------------------------------------- inference mode
 
 
@@ -598,7 +617,7 @@ def test_choose_chunk_size_follows_the_documented_rule(tiny):
     for asked, sizes in ((None, [1, 4]), (True, [4])):
         calls.clear()
         size, why = choose_chunk_size(asked, None, fn, batch, model, F.cross_entropy)
-        assert size in sizes and why.startswith("timed (s per task): ")
+        assert size in sizes and re.fullmatch(r"timed \(s per task\): \d+: \d\.\d{4}(, \d+: \d\.\d{4})*", why)
         assert [int(c) for c in re.findall(r"(\d+): ", why)] == sizes
         assert sorted({c for c, _ in calls}) == sizes and ("loop" in {m for _, m in calls}) == (1 in sizes)
     torch.manual_seed(0)
@@ -616,3 +635,17 @@ def test_choose_chunk_size_follows_the_documented_rule(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert choose_chunk_size(None, 2, fn, tasks, bn, mse_loss) == (1, reason)
+
+
+def test_choose_chunk_size_times_the_documented_candidates():
+    """With 16 tasks (the tuner's sample): 1, 4, 8, 16 when batching is left to it, 4, 8, 16 when asked."""
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    batch = tiny_batch(16)
+
+    def fn(chunk, mode):
+        return chunk[0].sum(dim=tuple(range(1, chunk[0].dim())))
+
+    for asked, sizes in ((None, [1, 4, 8, 16]), (True, [4, 8, 16])):
+        _, why = choose_chunk_size(asked, None, fn, batch, model, F.cross_entropy)
+        assert [int(c) for c in re.findall(r"(\d+): ", why)] == sizes, why
