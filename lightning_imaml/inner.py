@@ -312,10 +312,6 @@ class InnerSolver:
         phi, info = self.solve(problem)
         return spec.unflatten(phi[0]), InnerInfo(*(f[0] for f in info))
 
-    def options(self) -> dict[str, Any]:
-        """The options as a dict (the dataclass fields)."""
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class GD(InnerSolver):

@@ -541,6 +541,16 @@ def test_a_batch_is_independent_one_task_solves(name, early, lam_kind):
             )
     print(f"{name} tol={tol}: iterations {info.iterations.tolist()}")
     if early:
+        # cut at the middle task's stopping step: the run then ends with some tasks done and the others
+        # still moving (each solver's last-step bookkeeping on a part of the batch)
+        cut = int(sorted(info.iterations.tolist())[1])
+        short = dataclasses.replace(solver, steps=cut)
+        phi_c, info_c = short.solve(ProximalProblem(rows, theta, lam))
+        for t, (support, theta_t) in enumerate(tasks):
+            phi_t, info_t = short(support, theta_t, lam_dict)
+            torch.testing.assert_close(phi_c[t], flat(phi_t), rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(info_c.residual[t], info_t.residual, rtol=1e-10, atol=1e-12)
+            assert info_c.iterations[t] == info_t.iterations and info_c.accepted[t] == info_t.accepted, t
         assert len(set(info.iterations.tolist())) > 1  # different tasks, different stopping steps
         assert bool((info.iterations < steps).all())
         assert bool((info.residual <= tol * info.residual0).all())
@@ -707,7 +717,7 @@ def test_proximal_problem_input_errors():
         ProximalProblem(rows, theta[0], 1.0)
     with pytest.raises(ValueError, match=r"theta.*\(1, 3, 4\)"):
         ProximalProblem(rows, theta[None], 1.0)
-    with pytest.raises(ValueError, match=r"lam.*\(5,\)"):
+    with pytest.raises(ValueError, match=r"lam must be a number or a \[P\] tensor, P = 4; got \(5,\)"):
         ProximalProblem(rows, theta, torch.ones(5, dtype=F64))
     with pytest.raises(ValueError, match=r"lam.*\(3, 4\)"):
         ProximalProblem(rows, theta, torch.ones(3, 4, dtype=F64))
@@ -726,8 +736,8 @@ def test_proximal_problem_input_errors():
 
 def test_proximal_objective_with_a_number_and_a_per_parameter_lam_by_hand():
     """G = L + 1/2 sum_i lam_i (phi_i - theta_i)^2, exact in binary: L = 1, phi - theta = (1, 2 | 3)."""
-    phi = {"w": torch.tensor([1.0, 2.0], dtype=F64), "b": torch.tensor([3.0], dtype=F64)}
-    theta = {"w": torch.zeros(2, dtype=F64), "b": torch.zeros(1, dtype=F64)}
+    theta = {"w": torch.tensor([0.5, -1.0], dtype=F64), "b": torch.tensor([2.0], dtype=F64)}
+    phi = {"w": theta["w"] + torch.tensor([1.0, 2.0], dtype=F64), "b": theta["b"] + 3.0}
 
     def one(p):
         return torch.tensor(1.0, dtype=F64)
@@ -1153,3 +1163,5 @@ def test_proximal_adapt_takes_a_solver_object():
     ref, _ = GD(steps=3, lr=0.2)(support, theta, 0.5)
     phi, info = proximal_adapt(support, theta, 0.5, 3, optimizer=GD(lr=0.2))
     assert torch.equal(flat(phi), flat(ref)) and info.iterations.item() == 3
+    phi, _ = proximal_adapt(support, theta, 0.5, 3, optimizer=GD(lr=0.05), lr=0.2)  # the call's lr wins
+    assert torch.equal(flat(phi), flat(ref))
