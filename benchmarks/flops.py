@@ -54,6 +54,7 @@ METHODS["imaml_hf_cg3"] = dict(METHODS["imaml_hf_cg5"], hf_cg_steps=3)
 METHODS["imaml_hf_steps4"] = dict(METHODS["imaml_hf_cg5"], inner_steps=4)
 # iMAML with 8 L-BFGS iterations as the training inner solve (as in benchmarks/accuracy.py)
 METHODS["imaml_lbfgs8"] = dict(IMAML, inner_optimizer="lbfgs", inner_steps=8, inner_lr=1.0)
+METHODS["imaml_lbfgs4"] = dict(METHODS["imaml_lbfgs8"], inner_steps=4)
 
 
 def parse_args(argv=None):
