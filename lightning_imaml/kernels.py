@@ -283,8 +283,8 @@ def batch_norm_tasks(x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
     # for a low-precision x, as autocast keeps BatchNorm's parameters)
     low = x.dtype in (torch.float16, torch.bfloat16)
     pdtype = torch.float32 if low else x.dtype
-    gamma = torch.ones(x.shape[1], dtype=pdtype, device=x.device) if gamma is None else gamma
-    beta = torch.zeros(x.shape[1], dtype=pdtype, device=x.device) if beta is None else beta
+    gamma = x.new_ones(x.shape[1], dtype=pdtype) if gamma is None else gamma
+    beta = x.new_zeros(x.shape[1], dtype=pdtype) if beta is None else beta
     if _autocast_dtype(x) is None:
         return _BatchNormFn.apply(x, gamma, beta, eps)
     with torch.autocast(

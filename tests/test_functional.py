@@ -495,6 +495,25 @@ def test_batch_norm_tasks_of_bfloat16_activations_differentiates_like_f_batch_no
     assert all(rel(a.float(), b.float()) < 1e-2 for a, b in zip(res[0][1], res[1][1], strict=True))
 
 
+@pytest.mark.parametrize("choice", [0, 1])
+def test_batch_norm_tasks_without_affine_parameters_keeps_float32_statistics(choice):
+    """BatchNorm without affine parameters (gamma, beta None) of bfloat16 activations: the same numbers as
+    with float32 ones and zeros given, i.e. the statistics stay in float32 (in bfloat16 they would round)."""
+    shape = (2, 3, 5, 9 + choice)
+    force_batch_norm_forward(shape, torch.bfloat16, choice)
+    g = torch.Generator().manual_seed(0)
+    h = (3 + torch.randn(shape, generator=g)).bfloat16().requires_grad_(True)
+    res = []
+    for gamma, beta in ((None, None), (torch.ones(3), torch.zeros(3))):
+        out = batch_norm_tasks(h, gamma, beta, 1e-5)
+        res.append((out, torch.autograd.grad((out.float() ** 3).sum(), h)[0]))
+    assert res[0][0].dtype == torch.bfloat16
+    for a, b in zip(res[0], res[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(batch_norm_tasks(h, None, None, 1e-5), res[1][0], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------- TaskLoss, task_losses
 
 
@@ -519,6 +538,29 @@ def test_task_loss_rows_equal_per_task_losses(mode):
         assert rows[t].item() == pytest.approx(F.cross_entropy(logits, y[t]).item(), rel=1e-12)
         one = TaskLoss(model, spec, x[t : t + 1], y[t : t + 1], F.cross_entropy, mode="loop")
         assert one(phi[t : t + 1])[0].item() == pytest.approx(rows[t].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["native", "vmap"])
+def test_task_loss_select_keeps_the_forward_cast_and_mode(mode):
+    """select(rows) (a batched solve dropping its finished tasks) is the same loss on fewer rows: same data,
+    same autocast, same forward mode; under a bfloat16 cast the two modes round differently, so a lost setting
+    shows in the last bits."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    spec = ParamSpec.of({k: v.detach() for k, v in model.named_parameters()})
+    T = 4
+    phi = spec.flatten(stacked_params(model, T), batch_dims=1)
+    x = torch.randn(T, 5, 1, 8, 8)
+    y = torch.arange(5).repeat(T, 1)
+    cast = ForwardCast("cpu", torch.bfloat16)
+    rows = torch.tensor([3, 1])
+    picked = TaskLoss(model, spec, x, y, F.cross_entropy, cast, mode).select(rows)(phi[rows])
+    ref = TaskLoss(model, spec, x[rows], y[rows], F.cross_entropy, cast, mode)(phi[rows])
+    torch.testing.assert_close(picked, ref, rtol=0, atol=0)
+    other = "vmap" if mode == "native" else "native"
+    for cast_, mode_ in ((None, mode), (cast, other)):
+        changed = TaskLoss(model, spec, x[rows], y[rows], F.cross_entropy, cast_, mode_)(phi[rows])
+        assert not torch.equal(changed, ref), (cast_, mode_)
 
 
 def test_task_loss_of_inference_mode_inputs_is_differentiable():
