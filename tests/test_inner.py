@@ -558,6 +558,25 @@ def test_a_batch_is_independent_one_task_solves(name, early, lam_kind):
         assert info.iterations.tolist() == [steps] * len(scales)
 
 
+@pytest.mark.parametrize("steps", [13, 40])
+def test_hessian_free_batch_with_a_straggler_equals_one_task_solves(steps):
+    """HF with 1 CG step per direction on a restrictable batch: two tasks stop at iteration 8, the third at
+    13, so the last five iterations run on that task's row alone (its own damping mu, written back into the
+    batch); with steps = 13 the run ends on that row's step (the report of G and grad G on part of the
+    batch). Each row as its one-task solve."""
+    rows, theta, tasks = logistic_batch((0.5, 2.0, 4.0), seed=10, restrictable=True)
+    solver = HessianFree(steps=steps, tol=1e-4, cg_steps=1)
+    phi, info = solver.solve(ProximalProblem(rows, theta, 0.5))
+    assert info.iterations.tolist() == [8, 8, 13]
+    for t, (support, theta_t) in enumerate(tasks):
+        phi_t, info_t = solver(support, theta_t, 0.5)
+        torch.testing.assert_close(phi[t], flat(phi_t), rtol=1e-12, atol=1e-14)
+        for field in ("residual", "objective"):
+            torch.testing.assert_close(
+                getattr(info, field)[t], getattr(info_t, field), rtol=1e-10, atol=1e-12
+            )
+
+
 def test_torch_optimizer_rmsprop_equals_torch_optim_and_treats_tasks_independently():
     """TorchOptimizer(RMSprop) on a batch: row t equals a hand-rolled torch.optim.RMSprop loop on task t
     alone. Adafactor scales its step by the RMS of the whole parameter tensor, so it shows what a parameter
