@@ -514,6 +514,26 @@ def test_batch_norm_tasks_without_affine_parameters_keeps_float32_statistics(cho
         torch.testing.assert_close(batch_norm_tasks(h, None, None, 1e-5), res[1][0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("choice", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_batch_norm_tasks_under_autocast_keeps_the_statistics_dtype(choice, dtype):
+    """Under an autocast, BatchNorm of bfloat16 activations with bfloat16 parameters (a model cast to
+    bfloat16) keeps float32 statistics, as F.batch_norm does, and float64 stays float64: the same numbers
+    as outside the autocast with float32 (float64) parameters."""
+    shape = (2, 3, 5, 11 + choice + 2 * (dtype == torch.float64))
+    force_batch_norm_forward(shape, dtype, choice)
+    g = torch.Generator().manual_seed(0)
+    h = (3 + torch.randn(shape, generator=g)).to(dtype)
+    gamma = (1 + 0.1 * torch.randn(3, generator=g, dtype=torch.float64)).to(dtype)
+    beta = (0.1 * torch.randn(3, generator=g, dtype=torch.float64)).to(dtype)
+    wide = torch.float32 if dtype == torch.bfloat16 else dtype
+    ref = batch_norm_tasks(h, gamma.to(wide), beta.to(wide), 1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = batch_norm_tasks(h, gamma, beta, 1e-5)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------- TaskLoss, task_losses
 
 
