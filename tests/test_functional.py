@@ -13,6 +13,7 @@ so a row mixed up with another shows.
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import pytest
@@ -162,6 +163,37 @@ def test_sequential_of_odd_layers_modes_agree():
     y = torch.tensor([[0, 1, 2, 3, 0, 1], [3, 3, 2, 1, 0, 0], [1, 2, 3, 0, 1, 2]])
     assert native_supported(model)
     assert_modes_agree(model, x, y, F.cross_entropy)
+
+
+@pytest.mark.parametrize(
+    "layers,x_shape,out",
+    [
+        (
+            lambda: (nn.Flatten(), nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False)),
+            (6,),
+            (3,),
+        ),
+        (lambda: (nn.Flatten(), nn.Linear(36, 3, bias=False)), (1, 6, 6), (3,)),
+        (lambda: (nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3, bias=False)), (1, 6, 6), (2, 2, 2)),
+    ],
+    ids=["features-flatten-bias-free-linear", "images-flatten-bias-free-linear", "ends-on-images"],
+)
+def test_sequential_edge_layouts_modes_agree(layers, x_shape, out):
+    """The native forward's other layouts: bias-free linear layers (batched matmul without the bias) after a
+    Flatten of feature vectors (a no-op there) or of images, and a conv net whose output is still an image
+    batch; against the per-task loop (outputs, gradients, Hessian-vector products)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers()).double()
+    assert native_supported(model)
+    x = torch.randn(3, 4, *x_shape, dtype=DT)
+    params = stacked_params(model, 3)
+    assert forward_tasks(model, params, x, mode="native").shape == (3, 4, *out)
+
+    def loss_fn(o, y):
+        return ((o.flatten(1) - y) ** 2).mean()
+
+    y = torch.randn(3, 4, math.prod(out), dtype=DT)
+    assert_modes_agree(model, x, y, loss_fn)
 
 
 def test_frozen_parameters_are_taken_from_the_module():
@@ -386,12 +418,29 @@ def test_batch_norm_tasks_equals_f_batch_norm_with_first_and_second_derivatives(
     assert_same_derivatives(first_and_second(ours, inputs), first_and_second(ref, inputs), tol=1e-11)
 
 
-def test_grouped_conv_of_t_tasks_equals_t_separate_convs():
-    """Whichever of the grouped call and the per-group calls ``fastest`` picked for groups = T, it gives what
-    T one-group convolutions (no choice there) and F.conv2d give, derivatives included."""
+def force_conv_choice(x_shape, w_shape, dtype, stride, groups, choice):
+    """As :func:`force_batch_norm_forward`, for conv2d_tasks' three primitives (forward, input gradient,
+    weight gradient; padding and dilation 1) on inputs of ``x_shape``: 0 the grouped call, 1 one call per
+    group."""
+
+    def slow():
+        time.sleep(0.02)
+
+    for kind in ("fwd", "gin", "gw"):
+        key = ("cpu", kind, tuple(x_shape), tuple(w_shape), dtype, (stride, stride), (1, 1), (1, 1), groups,
+               torch.get_num_threads())  # fmt: skip
+        assert fastest(key, *((lambda: None, slow) if choice == 0 else (slow, lambda: None))) == choice
+
+
+@pytest.mark.parametrize("choice", [0, 1])
+def test_grouped_conv_of_t_tasks_equals_t_separate_convs(choice):
+    """Either of the grouped call and the per-group calls (forced) for groups = T gives what T one-group
+    convolutions (no choice there) and F.conv2d give, derivatives included."""
     T = 4
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, T * 2, 9, 9, generator=g, dtype=DT, requires_grad=True)
+    x = torch.randn(3, T * 2, 9 + choice, 9, generator=g, dtype=DT, requires_grad=True)
+    for stride in (1, 2):
+        force_conv_choice(x.shape, (T * 5, 2, 3, 3), DT, stride, T, choice)
     w = torch.randn(T * 5, 2, 3, 3, generator=g, dtype=DT, requires_grad=True)
     b = torch.randn(T * 5, generator=g, dtype=DT, requires_grad=True)
     for stride in (1, 2):
