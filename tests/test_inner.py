@@ -577,6 +577,45 @@ def test_hessian_free_batch_with_a_straggler_equals_one_task_solves(steps):
             )
 
 
+def test_hessian_free_marks_a_task_that_cannot_move_done():
+    """A task whose G is infinite anywhere but at theta cannot move (every trial step is rejected): HF stops
+    it after its first iteration, at theta with no accepted step, as it would stop alone, while the other
+    task of the batch goes on to its minimum."""
+    theta = torch.tensor([[1.0, -2.0], [0.5, 0.3]], dtype=F64)
+    A = torch.tensor([[3.0, 0.5], [0.5, 1.0]], dtype=F64)
+
+    class Loss:
+        def __init__(self, tasks):
+            self.tasks = tasks
+
+        def __call__(self, phi):
+            quad = 0.5 * torch.einsum("tp,pq,tq->t", phi, A, phi) + phi.sum(1)
+            stuck = (self.tasks == 1) & (phi != theta[self.tasks]).any(1)
+            return torch.where(stuck, torch.inf, quad)
+
+        def select(self, rows):
+            return Loss(self.tasks[rows])
+
+    phi, info = HessianFree(steps=40, tol=1e-10).solve(ProximalProblem(Loss(torch.arange(2)), theta, 0.5))
+    assert info.iterations.tolist() == [info.iterations[0].item(), 1] and info.iterations[0] > 2
+    assert info.accepted[1] == 0 and torch.equal(phi[1], theta[1])
+    ref = torch.linalg.solve(A + 0.5 * torch.eye(2, dtype=F64), 0.5 * theta[0] - 1)  # the quadratic's minimum
+    torch.testing.assert_close(phi[0], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_a_float64_lam_does_not_widen_a_float32_problem():
+    """lam is used in theta's dtype: a float64 per-parameter lam on a float32 problem gives float32 phi and
+    the numbers of the same lam in float32."""
+    rows, theta, _ = logistic_batch((0.5, 2.0), seed=3)
+    theta32 = theta.float()
+    lam = torch.linspace(0.2, 1.0, theta.shape[1], dtype=F64)
+    solver = GDArmijo(steps=5)
+    phi64, info64 = solver.solve(ProximalProblem(lambda p: rows(p.double()).float(), theta32, lam))
+    phi32, info32 = solver.solve(ProximalProblem(lambda p: rows(p.double()).float(), theta32, lam.float()))
+    assert phi64.dtype == torch.float32 and info64.objective.dtype == torch.float32
+    assert torch.equal(phi64, phi32) and torch.equal(info64.objective, info32.objective)
+
+
 def test_torch_optimizer_rmsprop_equals_torch_optim_and_treats_tasks_independently():
     """TorchOptimizer(RMSprop) on a batch: row t equals a hand-rolled torch.optim.RMSprop loop on task t
     alone. Adafactor scales its step by the RMS of the whole parameter tensor, so it shows what a parameter
