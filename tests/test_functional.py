@@ -219,6 +219,18 @@ def test_frozen_parameters_are_taken_from_the_module():
         torch.testing.assert_close(one[0], ref[t], rtol=1e-12, atol=1e-12)
 
 
+def test_gradients_flow_through_a_frozen_convolution():
+    """A frozen convolution inside the net (its weight not trained, so autograd wants the input gradient
+    only) passes the gradient on to the layers before it: the native gradients and HVPs as the loop's."""
+    torch.manual_seed(0)
+    model = OmniglotConv4(5, hidden=4, head_init="paper").double()
+    model.get_parameter("conv2.weight").requires_grad_(False)
+    x = torch.randn(2, 3, 1, 28, 28, dtype=DT)
+    y = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    assert "conv1.weight" in stacked_params(model, 2) and "conv2.weight" not in stacked_params(model, 2)
+    assert_modes_agree(model, x, y, F.cross_entropy, modes=("native",))
+
+
 class NotSequential(nn.Module):
     def __init__(self):
         super().__init__()
@@ -420,14 +432,14 @@ def test_batch_norm_tasks_equals_f_batch_norm_with_first_and_second_derivatives(
 
 def force_conv_choice(x_shape, w_shape, dtype, stride, groups, choice):
     """As :func:`force_batch_norm_forward`, for conv2d_tasks' three primitives (forward, input gradient,
-    weight gradient; padding and dilation 1) on inputs of ``x_shape``: 0 the grouped call, 1 one call per
+    weight gradient; padding 1, dilation 2) on inputs of ``x_shape``: 0 the grouped call, 1 one call per
     group."""
 
     def slow():
         time.sleep(0.02)
 
     for kind in ("fwd", "gin", "gw"):
-        key = ("cpu", kind, tuple(x_shape), tuple(w_shape), dtype, (stride, stride), (1, 1), (1, 1), groups,
+        key = ("cpu", kind, tuple(x_shape), tuple(w_shape), dtype, (stride, stride), (1, 1), (2, 2), groups,
                torch.get_num_threads())  # fmt: skip
         assert fastest(key, *((lambda: None, slow) if choice == 0 else (slow, lambda: None))) == choice
 
@@ -440,11 +452,11 @@ def test_grouped_conv_of_t_tasks_equals_t_separate_convs(choice):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, T * 2, 9 + choice, 9, generator=g, dtype=DT, requires_grad=True)
     for stride in (1, 2):
-        force_conv_choice(x.shape, (T * 5, 2, 3, 3), DT, stride, T, choice)
+        force_conv_choice(x.shape, (T * 5, 2, 3, 3), DT, stride, T, choice)  # padding 1, dilation 2
     w = torch.randn(T * 5, 2, 3, 3, generator=g, dtype=DT, requires_grad=True)
     b = torch.randn(T * 5, generator=g, dtype=DT, requires_grad=True)
     for stride in (1, 2):
-        args = ((stride, stride), (1, 1), (1, 1))
+        args = ((stride, stride), (1, 1), (2, 2))  # padding unlike dilation: neither stands in for the other
 
         def separate(x, w, b, args=args):
             parts = zip(x.chunk(T, 1), w.chunk(T, 0), b.chunk(T, 0), strict=True)
