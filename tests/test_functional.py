@@ -224,7 +224,8 @@ def test_gradients_flow_through_a_frozen_convolution():
     only) passes the gradient on to the layers before it: the native gradients and HVPs as the loop's."""
     torch.manual_seed(0)
     model = OmniglotConv4(5, hidden=4, head_init="paper").double()
-    model.get_parameter("conv2.weight").requires_grad_(False)
+    for name in ("conv2.weight", "fc.weight"):  # a frozen linear weight comes from the module too
+        model.get_parameter(name).requires_grad_(False)
     x = torch.randn(2, 3, 1, 28, 28, dtype=DT)
     y = torch.tensor([[0, 1, 2], [3, 4, 0]])
     assert "conv1.weight" in stacked_params(model, 2) and "conv2.weight" not in stacked_params(model, 2)
