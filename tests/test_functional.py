@@ -256,6 +256,8 @@ class NotSequential(nn.Module):
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same")), False),
         (nn.Sequential(nn.Flatten(2)), False),
         (nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), False),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(4, 3)), False),  # a linear layer on images
+        (nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Conv2d(1, 2, 1)), False),  # spatial after Flatten
     ],
 )
 def test_native_supported(model, ok):
@@ -523,16 +525,21 @@ def test_batch_norm_tasks_gives_the_same_numbers_whichever_forward_is_chosen(cho
 
 def test_conv2d_tasks_under_autocast_differentiates_like_f_conv2d():
     """What the native forward meets under a ForwardCast: a convolution run under torch.autocast. Output
-    dtype and weight gradient as F.conv2d's (to bfloat16 rounding)."""
+    dtype, values and weight and bias gradients as F.conv2d's (to bfloat16 rounding)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 8, 8, generator=g)
     w = torch.randn(6, 3, 3, 3, generator=g, requires_grad=True)
+    b = 3 + torch.randn(6, generator=g, requires_grad=True)  # large: a wrong sign would show in the outputs
     res = []
     for conv in (conv2d_tasks, F.conv2d):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = conv(x, w, None, (1, 1), (1, 1), (1, 1), 1)
-        res.append((out.dtype, torch.autograd.grad((out.float() ** 2).sum(), w)[0]))
-    assert res[0][0] == res[1][0] == torch.bfloat16 and rel(res[0][1], res[1][1]) < 1e-2
+            out = conv(x, w, b, (1, 1), (1, 1), (1, 1), 1)
+        res.append((out.detach(), torch.autograd.grad((out.float() ** 2).sum(), (w, b))))
+    assert (
+        res[0][0].dtype == res[1][0].dtype == torch.bfloat16
+        and rel(res[0][0].float(), res[1][0].float()) < 1e-2
+    )
+    assert all(rel(a, c) < 1e-2 for a, c in zip(res[0][1], res[1][1], strict=True))
 
 
 @pytest.mark.parametrize("choice", [0, 1])
