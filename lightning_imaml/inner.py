@@ -681,8 +681,8 @@ class HessianFree(_Backtracking):
             run.done = run.done | (active & ~moved)  # no step decreases G: this task is as far as it gets
             if not bool(moved.any()):
                 break
-        else:  # every step taken, the last one moved some tasks (or steps = 0): the report, G and grad G
-            if moved is not None:  # where they went
+        else:  # every step taken and the last one moved some tasks (moved is None only for steps = 0):
+            if moved is not None:  # report G and grad G where they went
                 rows, sub, _ = subproblem(problem, moved)
                 val, g = sub.value_and_grad(gather(rows, run.phi))
                 run.val, run.g = put(rows, run.val, val), put(rows, run.g, g)

@@ -437,14 +437,10 @@ def force_conv_choice(x_shape, w_shape, dtype, stride, groups, choice):
     """As :func:`force_batch_norm_forward`, for conv2d_tasks' three primitives (forward, input gradient,
     weight gradient; padding 1, dilation 2) on inputs of ``x_shape``: 0 the grouped call, 1 one call per
     group."""
-
-    def slow():
-        time.sleep(0.02)
-
     for kind in ("fwd", "gin", "gw"):
         key = ("cpu", kind, tuple(x_shape), tuple(w_shape), dtype, (stride, stride), (1, 1), (2, 2), groups,
                torch.get_num_threads())  # fmt: skip
-        assert fastest(key, *((lambda: None, slow) if choice == 0 else (slow, lambda: None))) == choice
+        force_choice(key, choice)
 
 
 @pytest.mark.parametrize("choice", [0, 1])
@@ -498,7 +494,12 @@ def force_batch_norm_forward(shape, dtype, choice):
     ``fastest`` itself with a slow and a quick candidate forces either one. The key is the one kernels.py
     builds (device, "bn", shape, dtype, threads); shapes are used by one test each, so nothing else sees
     it."""
-    key = ("cpu", "bn", tuple(shape), dtype, torch.get_num_threads())
+    force_choice(("cpu", "bn", tuple(shape), dtype, torch.get_num_threads()), choice)
+
+
+def force_choice(key, choice):
+    """Decide ``fastest``'s choice for ``key`` (0 or 1) through ``fastest`` itself: a slow and a quick
+    candidate."""
 
     def slow():
         time.sleep(0.02)  # vs a no-op: the choice cannot be in doubt

@@ -579,8 +579,8 @@ def test_hessian_free_batch_with_a_straggler_equals_one_task_solves(steps):
 
 def test_hessian_free_marks_a_task_that_cannot_move_done():
     """A task whose G is infinite anywhere but at theta cannot move (every trial step is rejected): HF stops
-    it after its first iteration, at theta with no accepted step, as it would stop alone, while the other
-    task of the batch goes on to its minimum."""
+    it after its first iteration, at theta with no accepted step, while the other task of the batch goes on
+    to its minimum."""
     theta = torch.tensor([[1.0, -2.0], [0.5, 0.3]], dtype=F64)
     A = torch.tensor([[3.0, 0.5], [0.5, 1.0]], dtype=F64)
 
