@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .params import ParamSpec, check_same_structure, rowdot, select_rows
 
-__all__ = ["CG", "CGInfo", "batched_conjugate_gradient", "conjugate_gradient"]
+__all__ = ["CG", "CGInfo", "batched_conjugate_gradient", "conjugate_gradient", "default_curvature_eps"]
 
 
 class CGInfo(NamedTuple):
@@ -46,6 +46,11 @@ def _check(max_steps: int, rtol: float, name: str = "max_steps") -> None:
         raise ValueError(f"rtol must be >= 0, got {rtol}")
 
 
+def default_curvature_eps(dtype: torch.dtype) -> float:
+    """sqrt(machine eps) of float32, or of ``dtype`` where that is coarser (float16, bfloat16)."""
+    return math.sqrt(max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps))
+
+
 def batched_conjugate_gradient(
     matvec: Callable[[Tensor], Tensor],
     b: Tensor,
@@ -66,8 +71,10 @@ def batched_conjugate_gradient(
       On the very first direction there is no iterate yet; rather than x0 (= 0, a useless meta-gradient) the
       row returns x0 + r0 (= b from zero): the solution with A replaced by I. For iMAML that is the
       first-order meta-gradient, for a Newton system (H + lam I) d = -g steepest descent.
-    - ``curvature_eps`` defaults to sqrt(machine eps) of b's dtype (1.5e-8 in float64, 3.5e-4 in float32):
-      below that a Rayleigh quotient of an O(1)-scaled A such as I + H/lam is rounding noise.
+    - ``curvature_eps`` defaults to sqrt(machine eps) of float32 or of b's dtype if coarser (3.45e-4 in
+      float32 and float64): below that a Rayleigh quotient of an O(1)-scaled A such as I + H/lam is rounding
+      noise in float32, and float64 judges the same way, so a float64 run checks a float32 one (with
+      float64's own 1.5e-8, a task whose I + H/lam had a quotient of 2.7e-4 returned x 500 times longer).
     Output never contains NaN/inf unless b or x0 did.
     """
     _check(max_steps, rtol)
@@ -75,7 +82,7 @@ def batched_conjugate_gradient(
         raise ValueError(f"CG needs floating-point tensors, but b is {b.dtype}; cast it, e.g. b.double()")
     if b.dim() != 2:
         raise ValueError(f"b must be [T, N] (one system per row), got shape {tuple(b.shape)}")
-    eps = math.sqrt(torch.finfo(b.dtype).eps) if curvature_eps is None else curvature_eps
+    eps = default_curvature_eps(b.dtype) if curvature_eps is None else curvature_eps
     if x0 is None:
         x, r = torch.zeros_like(b), b
     else:
@@ -155,9 +162,10 @@ class CG:
 
     steps: int = 5
     rtol: float = 1e-10
+    curvature_eps: float | None = None  # None: default_curvature_eps of b's dtype
 
     def __post_init__(self):
         _check(self.steps, self.rtol, "steps")
 
     def __call__(self, matvec: Callable[[Tensor], Tensor], b: Tensor) -> tuple[Tensor, CGInfo]:
-        return batched_conjugate_gradient(matvec, b, self.steps, self.rtol)
+        return batched_conjugate_gradient(matvec, b, self.steps, self.rtol, curvature_eps=self.curvature_eps)

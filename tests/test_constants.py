@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import krylov_minimiser, rel
 
-from lightning_imaml.cg import batched_conjugate_gradient, conjugate_gradient
+from lightning_imaml.cg import CG, batched_conjugate_gradient, conjugate_gradient, default_curvature_eps
 from lightning_imaml.implicit import implicit_meta_gradient
 from lightning_imaml.inner import GDArmijo, HessianFree, _rose, _sufficient_decrease
 
@@ -113,9 +113,14 @@ def test_cg_curvature_threshold_is_the_one_passed_and_inclusive():
     assert info.negative_curvature.tolist() == [False, False] and torch.equal(x, 2 * B)
 
 
-def test_cg_default_curvature_threshold_is_sqrt_eps_of_bs_dtype_inclusive():
-    """Default eps = sqrt(machine eps of b's dtype): 2^-26 in float64 (exact), 3.45e-4 in float32. A Rayleigh
-    quotient q along b = e1 (A = diag(q, 1)) truncates at q <= eps and is solved (x = b / q) above it."""
+def test_cg_default_curvature_threshold_is_float32_sqrt_eps_in_float64_too_inclusive():
+    """Default eps = sqrt(float32 machine eps) = 2^-11.5 = 3.4527e-4 in float32 and float64 alike (a float64
+    run judges curvature as the float32 run it checks), sqrt(eps) of a coarser dtype. A Rayleigh quotient q
+    along b = e1 (A = diag(q, 1)) truncates at q <= eps and is solved (x = b / q) above it."""
+    eps32 = 2.0**-11.5
+    assert default_curvature_eps(torch.float32) == eps32 and default_curvature_eps(F64) == eps32
+    assert default_curvature_eps(torch.bfloat16) == 2.0**-3.5  # sqrt(2^-7)
+    assert default_curvature_eps(torch.float16) == 2.0**-5  # sqrt(2^-10)
     b = torch.tensor([1.0, 0.0], dtype=F64)
 
     def diag(q, dtype=F64):
@@ -125,28 +130,33 @@ def test_cg_default_curvature_threshold_is_sqrt_eps_of_bs_dtype_inclusive():
         A = diag(q, b.dtype)
         return conjugate_gradient(lambda v: A @ v, b, max_steps=3)
 
-    q = 2.0**-26  # = sqrt(2^-52)
-    x, info = solve(q)
+    x, info = solve(eps32)
     assert bool(info.negative_curvature) and torch.equal(x, b)  # inclusive
-    q_up = q * (1 + 2.0**-40)
+    q_up = eps32 * (1 + 2.0**-40)
     x, info = solve(q_up)
     assert not bool(info.negative_curvature) and bool(info.converged)
     torch.testing.assert_close(x, b / q_up, rtol=1e-12, atol=0)
     # batched, per row: one row on the threshold (truncated), one at twice it (solved)
-    A2 = torch.stack([diag(q), diag(2 * q)])
+    A2 = torch.stack([diag(eps32), diag(2 * eps32)])
     B = torch.stack([b, b])
     x, info = batched_conjugate_gradient(lambda v: torch.einsum("tij,tj->ti", A2, v), B, max_steps=3)
     assert info.negative_curvature.tolist() == [True, False]
-    assert torch.equal(x[0], b) and torch.equal(x[1], b / (2 * q))
-    # float64 accepts a Rayleigh quotient of 1e-6; float32's default (3.45e-4) truncates it as rounding noise
-    x, info = solve(1e-6)
-    assert not bool(info.negative_curvature) and bool(info.converged)
-    torch.testing.assert_close(x, torch.tensor([1e6, 0.0], dtype=F64), rtol=1e-12, atol=0)
+    assert torch.equal(x[0], b) and torch.equal(x[1], b / (2 * eps32))
+    # float64's own sqrt(eps) (1.5e-8) would solve a quotient of 1e-6 to x = 1e6 b; both dtypes truncate it
     b32 = b.float()
-    for q32, truncated in ((1e-6, True), (3.45e-4, True), (3.46e-4, False)):  # sqrt(2^-23) = 3.4527e-4
-        x, info = solve(q32, b32)
-        assert bool(info.negative_curvature) == truncated, q32
-        assert torch.equal(x, b32) == truncated, q32
+    for q, truncated in ((1e-6, True), (3.45e-4, True), (3.46e-4, False)):
+        for bq in (b, b32):
+            x, info = solve(q, bq)
+            assert bool(info.negative_curvature) == truncated, (q, bq.dtype)
+            assert torch.equal(x, bq) == truncated, (q, bq.dtype)
+    # an explicit curvature_eps still wins, also through the CG object
+    x, info = conjugate_gradient(lambda v: diag(1e-6) @ v, b, max_steps=3, curvature_eps=1e-8)
+    assert not bool(info.negative_curvature)
+    torch.testing.assert_close(x, torch.tensor([1e6, 0.0], dtype=F64), rtol=1e-12, atol=0)
+    x, info = CG(steps=3, curvature_eps=1e-8)(lambda v: v @ diag(1e-6), b[None])
+    assert info.negative_curvature.tolist() == [False]
+    x, info = CG(steps=3)(lambda v: v @ diag(1e-6), b[None])
+    assert info.negative_curvature.tolist() == [True]
 
 
 # ------------------------------------------------------------------------------- CG: rtol boundary

@@ -875,14 +875,15 @@ def test_hessian_free_stops_once_the_gradient_is_below_atol():
 
 
 def test_hessian_free_backtracks_at_most_max_backtracks_times():
-    """log cosh from w = 5, lam = 0: the Newton step is -sinh(5) cosh(5) = -5506.6; t = 1 .. 2^-9 all land
-    where G is above G(5) = 4.31, t = 2^-10 is the first that decreases G (w = -0.38). So the default 10
-    trials find nothing (the task stops there), 11 trials take that step. Evaluations are counted too: a
-    stopped task does not try again, and the search stops at the first accepted trial."""
+    """10 log cosh from w = 5, lam = 0: the Newton step is -sinh(5) cosh(5) = -5506.6 (the factor 10 puts the
+    curvature, 1.8e-3, above CG's truncation threshold 3.45e-4); t = 1 .. 2^-9 all land where G is above
+    G(5) = 43.1, t = 2^-10 is the first that decreases G (w = -0.38). So the default 10 trials find nothing
+    (the task stops there), 11 trials take that step. Evaluations are counted too: a stopped task does not
+    try again, and the search stops at the first accepted trial."""
     theta = {"w": torch.tensor([5.0], dtype=F64)}
 
     def support(p):
-        return torch.log(torch.cosh(p["w"])).sum()
+        return 10 * torch.log(torch.cosh(p["w"])).sum()
 
     f, calls = counted(support)
     phi, info = newton_cg(steps=3)(f, theta, 0.0)
