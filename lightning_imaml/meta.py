@@ -50,6 +50,7 @@ from .metagrad import (
     maml_meta_gradient,
 )
 from .params import ParamSpec, detached
+from .precision import ieee_fp32
 from .watchdog import SolveWatchdog
 
 __all__ = ["FOMAML", "IMAML", "INNER_OPTIMIZERS", "MAML", "MetaLearner", "unpack_episode"]
@@ -113,6 +114,9 @@ class MetaLearner(pl.LightningModule):
         batched_tasks: False computes one task at a time, True several at once (``batched_chunk_size``, or
             chosen by timing when None), None (default) times both on the first meta-batch and keeps the
             faster (:func:`~lightning_imaml.batched.choose_chunk_size`; the choice and the times are logged).
+        allow_tf32: False (default) runs the meta-gradient and the evaluation's adaptation with float32
+            convolutions and matmuls in full precision on CUDA (:func:`~lightning_imaml.precision.ieee_fp32`),
+            whatever the global TF32 settings; True leaves those settings in force.
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class MetaLearner(pl.LightningModule):
         inner_atol: float = 0.0,
         batched_tasks: bool | None = None,
         batched_chunk_size: int | None = None,
+        allow_tf32: bool = False,
     ) -> None:
         super().__init__()
         hparams.check_learner_args(model, lam, eval_lam, task_type, batched_chunk_size)
@@ -162,6 +167,7 @@ class MetaLearner(pl.LightningModule):
         self.loss_fn = loss_for_task_type(task_type)
         self.batched_tasks = None if batched_tasks is None else bool(batched_tasks)
         self.batched_chunk_size = batched_chunk_size
+        self.allow_tf32 = bool(allow_tf32)
         self.chunk_sizes: dict[str, int] = {}  # per stage, chosen on its first batch
         self.log_lam: LearnedLam | None = None  # IMAML(learn_lam=...) sets it
         self.skipped_steps = 0
@@ -229,7 +235,7 @@ class MetaLearner(pl.LightningModule):
         def fn(chunk, mode):
             return self.task_meta_gradients(theta, chunk, cast, mode)
 
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), ieee_fp32(not self.allow_tf32):
             results = run_chunked(fn, tasks, self.chunk_size("train", fn, tasks, cast))
         spec = ParamSpec.of(theta)
         grad, metrics = summarise_tasks(results, spec, tasks[3], self.task_type == "classification")
@@ -318,7 +324,7 @@ class MetaLearner(pl.LightningModule):
                 self.model, theta, chunk, self.loss_fn, lam, self.eval_solver, cast, mode
             )
 
-        with autograd_in_evaluation(self.device.type):
+        with autograd_in_evaluation(self.device.type), ieee_fp32(not self.allow_tf32):
             tasks = tuple(t.clone() if t.is_inference() else t for t in unpack_episode(batch))
             out_pre, out = run_chunked(fn, tasks, self.chunk_size("eval", fn, tasks, cast))
         self.eval_metrics.update(stage, self.loss_fn, out_pre, out, tasks[3])
