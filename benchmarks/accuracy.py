@@ -11,7 +11,8 @@ then meta-tested on ``--test-tasks`` (600) fixed test tasks with the final weigh
 
 Per-method settings (``SETTINGS``; network ``OmniglotConv4`` with its default zero head for every method):
 - imaml (iMAML-GD, the package default): 16 inner steps of ``gd_armijo`` (safeguarded GD, largest step 0.1),
-  lam 2, 5 CG steps; test-time 16 ``gd_armijo`` steps, largest step 0.1, lam 0;
+  lam 2, 5 CG steps on (2 I + H/lam) (CG damping 1; ``--cg-damping 0``: the paper's I + H/lam, the runs before
+  2026-12-04); test-time 16 ``gd_armijo`` steps, largest step 0.1, lam 0;
 - imaml_hf (iMAML-HF): Hessian-free Newton-CG inner solver (5 CG steps per direction, line search), lam 2,
   5 CG steps for the meta-gradient; test-time the same solve;
 - maml / fomaml: 1 inner step lr 0.4 (Finn et al.), test-time 3 steps lr 0.4;
@@ -59,7 +60,7 @@ SETTINGS = {
         cls="IMAML",
         lam=2.0,
         cg_steps=5,
-        cg_damping=0.0,
+        cg_damping=1.0,  # as the configs since 2026-12-04 (README, "CG damping"); 0: the runs before
         inner_optimizer="gd_armijo",
         inner_steps=16,
         inner_lr=0.1,
@@ -72,7 +73,7 @@ SETTINGS = {
         cls="IMAML",
         lam=2.0,
         cg_steps=5,
-        cg_damping=0.0,
+        cg_damping=1.0,  # as for "imaml"
         inner_optimizer="hf",
         inner_steps=5,
         hf_cg_steps=3,  # the study's winner (below); the paper's 5 is "imaml_hf_cg5"
@@ -180,7 +181,7 @@ def parse_args(argv=None):
         "--cg-damping",
         type=float,
         default=None,
-        help="iMAML: solve ((1 + d) I + H/lam) x = g instead of the paper's d = 0 (configs: 0)",
+        help="iMAML: solve ((1 + d) I + H/lam) x = g (configs: d = 1 since 2026-12-04; the paper: 0)",
     )
     p.add_argument("--probe-tasks", type=int, default=4, help="training tasks probed at each validation")
     p.add_argument(

@@ -356,7 +356,9 @@ class IMAML(MetaLearner):
 
     Per task: phi ~ argmin_phi L_s(phi) + lam/2 ||phi - theta||^2 by the inner solver (no graph kept), then
     g = ((1 + cg_damping) I + H/lam)^{-1} grad L_q(phi) by ``cg_steps`` CG steps (H the support-loss Hessian
-    at phi). Memory is independent of the inner solver's steps.
+    at phi). Memory is independent of the inner solver's steps. ``cg_damping`` defaults to 1.0, the official
+    code's: early in meta-training I + H/lam at phi is near-singular in some tasks, and undamped (0.0, the
+    paper's Eq. 7) those tasks' meta-gradients dominate the batch (README, "CG damping").
 
     The default inner solver is ``"lbfgs"`` (:class:`lightning_imaml.inner.LBFGS`: 8 iterations from the
     unit step): quasi-Newton steps with Armijo backtracking, so it cannot diverge when meta-training sharpens
@@ -377,7 +379,7 @@ class IMAML(MetaLearner):
     def __init__(
         self, model: nn.Module, lam: float = 2.0, inner_steps: int | None = None,
         inner_lr: float | None = None, inner_optimizer: str = "lbfgs", cg_steps: int = 5,
-        cg_damping: float = 0.0, learn_lam: bool | str = False, lam_lr: float | None = None, **kwargs: Any,
+        cg_damping: float = 1.0, learn_lam: bool | str = False, lam_lr: float | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         _check(lam > 0, f"IMAML needs lam > 0 (the proximal strength), got lam={lam!r}")
         _check(

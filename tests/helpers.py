@@ -48,9 +48,11 @@ def ridge_batch(n_tasks=3, k=10, q=12, d=4, dtype=torch.float64, seed=0):
     return sx, sy, qx, qy
 
 
-def ridge_closed_form(theta: torch.Tensor, batch, lam: float) -> torch.Tensor:
+def ridge_closed_form(theta: torch.Tensor, batch, lam: float, cg_damping: float = 0.0) -> torch.Tensor:
     """Exact iMAML meta-gradient of ``ridge_batch`` for nn.Linear(d, 1, bias=False) with weight theta [d] and
-    the MSE loss: the mean over tasks of lam A^{-1} grad L_q(phi*), A = 2/K X'X + lam I."""
+    the MSE loss: the mean over tasks of ((1 + d) I + H/lam)^{-1} grad L_q(phi*)
+    = lam (H + (1 + d) lam I)^{-1} grad L_q(phi*), H = 2/K X'X, phi* = (H + lam I)^{-1} (2/K X'y + lam theta),
+    d = cg_damping."""
     sx, sy, qx, qy = batch
     grads = []
     for i in range(sx.shape[0]):
@@ -58,7 +60,8 @@ def ridge_closed_form(theta: torch.Tensor, batch, lam: float) -> torch.Tensor:
         a = 2.0 / k * sx[i].T @ sx[i] + lam * torch.eye(d, dtype=theta.dtype)
         phi = torch.linalg.solve(a, 2.0 / k * sx[i].T @ sy[i, :, 0] + lam * theta)
         gq = 2.0 / qx[i].shape[0] * qx[i].T @ (qx[i] @ phi - qy[i, :, 0])
-        grads.append(lam * torch.linalg.solve(a, gq))
+        damped = a + cg_damping * lam * torch.eye(d, dtype=theta.dtype)
+        grads.append(lam * torch.linalg.solve(damped, gq))
     return torch.stack(grads).mean(0)
 
 

@@ -233,7 +233,7 @@ def _learner(**kw):
     torch.manual_seed(0)
     return IMAML(
         nn.Sequential(nn.Linear(3, 1, bias=False)).double(), lam=2.0, inner_steps=30, inner_lr=1.0,
-        inner_optimizer="lbfgs", task_type="regression", learn_lam="parameter",
+        inner_optimizer="lbfgs", task_type="regression", learn_lam="parameter", cg_damping=0.0,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.1), lam_lr=0.5, **kw,
     )  # fmt: skip
 
@@ -297,7 +297,7 @@ def test_learned_lam_per_layer_is_the_sum_over_the_tensor():
     torch.manual_seed(0)
     learner = IMAML(
         nn.Linear(3, 1, bias=False).double(), lam=1.5, inner_steps=30, inner_lr=1.0, inner_optimizer="lbfgs",
-        task_type="regression", learn_lam="layer",
+        task_type="regression", learn_lam="layer", cg_damping=0.0,  # the closed form's system, I + H/lam
     )  # fmt: skip
     assert learner.log_lam["weight"].dim() == 0
     grad, _ = learner.meta_gradient(batch)

@@ -4,7 +4,9 @@ solvers as objects / configs / flat arguments, checkpointed hyperparameters and 
 Ground truths: ridge-regression tasks, where the proximal inner problem
     phi*(theta) = argmin_phi 1/K ||X phi - y||^2 + lam/2 ||phi - theta||^2
 has the closed form phi* = A^{-1} (2/K X^T y + lam theta), A = 2/K X^T X + lam I, and the exact
-meta-gradient of L_q(phi*(theta)) is lam A^{-1} grad L_q(phi*) (A symmetric), ``helpers.ridge_closed_form``.
+meta-gradient of L_q(phi*(theta)) is lam A^{-1} grad L_q(phi*) (A symmetric), ``helpers.ridge_closed_form``;
+with IMAML's default cg_damping d = 1 the system solved is ((1 + d) I + H/lam), so the reference is
+lam (A + d lam I)^{-1} grad L_q(phi*).
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def test_imaml_step_is_minus_lr_times_closed_form_meta_gradient():
     )
     trainer(max_steps=1).fit(learner, train_dataloaders=loader([batch]))
     theta1 = model.weight.detach().reshape(-1)
-    expected = theta0 - lr * ridge_closed_form(theta0, batch, lam)
+    expected = theta0 - lr * ridge_closed_form(theta0, batch, lam, cg_damping=1.0)  # IMAML's default damping
     err = rel(theta1 - theta0, expected - theta0)
     print(f"\nridge: relative error of the IMAML step vs -lr x closed form = {err:.2e}")
     assert err < 1e-9
@@ -176,6 +178,7 @@ def test_imaml_meta_gradient_matches_closed_form_with_float32():
         inner_steps=200,
         inner_lr=0.1,
         cg_steps=10,
+        cg_damping=0.0,  # the paper's system (I + H/lam)
         task_type="regression",
         batched_tasks=False,
     )
@@ -207,6 +210,7 @@ def test_maml_with_lam_converges_to_implicit_gradient():
         inner_steps=400,
         inner_lr=lr,
         cg_steps=100,
+        cg_damping=0.0,  # the exact implicit gradient, which MAML(lam) tends to
         task_type="regression",
     )
     reference, _ = imaml.meta_gradient(batch)
@@ -780,7 +784,7 @@ def test_inner_tolerance_stops_training_solves_early_and_keeps_the_meta_gradient
     grad, metrics = learner.meta_gradient(batch)
     assert torch.all(metrics["inner_iterations"] < 300), metrics["inner_iterations"]
     assert torch.all(metrics["inner_residual_rel"] <= 1e-10)
-    exact = ridge_closed_form(model.weight.detach().reshape(-1), batch, lam)
+    exact = ridge_closed_form(model.weight.detach().reshape(-1), batch, lam, cg_damping=1.0)
     assert rel(grad["weight"].reshape(-1), exact) < 1e-8
     without = IMAML(
         model,
