@@ -29,14 +29,14 @@ timeout 150 "$PY" benchmarks/flops.py --device cuda --threads 1 --rounds 3 --met
 
 # 3. 300 meta-steps of the shipped 5-way 1-shot config on the GPU, the default path, then 16-mixed for 50;
 # wall seconds include the chunk-size timing and the validation and test on 200 tasks each
-rm -rf lightning_logs/omniglot_5way1shot_imaml_gd
+GPU_RUN=gpu_check_$(date +%s)  # its own log folder: a user's runs of the config stay untouched
 t0=$(date +%s)
 timeout 150 "$PY" train.py fit --config configs/omniglot_5way1shot_imaml_gd.yaml --trainer.accelerator gpu \
-  --trainer.devices 1 --trainer.max_steps 300 --trainer.val_check_interval 300 --data.val_tasks 200 \
+  --trainer.devices 1 --trainer.max_steps 300 --trainer.val_check_interval 300 --experiment "$GPU_RUN" --data.val_tasks 200 \
   --data.test_tasks 200 --trainer.enable_progress_bar false --trainer.default_root_dir /tmp/gpu_run 2>&1 \
   | grep -E "task\(s\) at once|acc|error" | while read -r l; do say "fit 300 steps: $l"; done
 say "fit 300 steps: wall $(( $(date +%s) - t0 )) s"
-cp lightning_logs/omniglot_5way1shot_imaml_gd/version_0/metrics.csv "$OUT/fit300_metrics.csv" 2>/dev/null
+cp "lightning_logs/$GPU_RUN/version_0/metrics.csv" "$OUT/fit300_metrics.csv" 2>/dev/null
 timeout 60 "$PY" train.py fit --config configs/omniglot_5way1shot_imaml_gd.yaml --trainer.accelerator gpu \
   --trainer.devices 1 --trainer.max_steps 50 --trainer.precision 16-mixed --trainer.limit_val_batches 1 \
   --test_after_fit false --trainer.enable_progress_bar false --trainer.default_root_dir /tmp/gpu_run16 2>&1 \
